@@ -1,0 +1,199 @@
+"""Activation memory: the tensors a decoder layer saves for backward, per token, for every precision mode.
+
+The count walks the ops of one HF decoder layer (transformers 5.x ``modeling_llama.py`` and siblings) and adds
+each storage that autograd keeps, following torch's rule that an op saves an input only when it needs it for the
+gradient of another input that requires grad (memory-accounting.md section 6).  Storages that several ops save
+(the norm output read by q, k and v) are counted once.  All results are bytes per token of one layer unless the
+name says otherwise; ``T = batch_size * seq_len``.
+
+The CUDA behaviour is modelled (dropout masks are bool, flash/mem-efficient SDPA saves out + logsumexp); the dry
+run (``lora_budget.dryrun``) emulates the same behaviour on the CPU and is the referee for every term here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .finetune import FinetuneConfig
+from .models import ModelSpec
+from .params import LinearModule, layer_linears, resolve_targets
+from .units import dtype_bytes
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Byte widths of one setup.
+
+    ``param``: bytes of the (dense) base weights after loading (and, for QLoRA, of the unquantised ones after
+    ``prepare_model_for_kbit_training``, which upcasts them to fp32).  ``residual``: dtype of the residual stream
+    between layers.  ``compute``: dtype Linear outputs take (autocast dtype when autocast is on).  ``adapter``:
+    LoRA weights (fp32 since peft 0.12).  ``autocast``: Trainer ``bf16=True``/``fp16=True``.
+    """
+
+    param: int
+    residual: int
+    compute: int
+    adapter: int
+    autocast: bool
+    quantized: bool
+
+
+def precision(cfg: FinetuneConfig) -> Precision:
+    """Byte widths for ``cfg`` (see memory-accounting.md section 5, table of modes A-E)."""
+    load = dtype_bytes(cfg.dtype)
+    autocast = cfg.mixed_precision != "no"
+    ac = 2 if autocast else None
+    if cfg.method == "qlora":
+        # prepare_model_for_kbit_training casts every non-4-bit param to fp32: the residual stream becomes fp32.
+        return Precision(param=4, residual=4, compute=ac or 4, adapter=4, autocast=autocast, quantized=True)
+    adapter = 4 if load < 4 else load  # peft autocast_adapter_dtype=True: bf16/fp16 adapters are upcast to fp32
+    return Precision(param=load, residual=load, compute=ac or load, adapter=adapter, autocast=autocast,
+                     quantized=False)
+
+
+def _eager(cfg: FinetuneConfig) -> bool:
+    return cfg.attn_implementation == "eager"
+
+
+def _adapter_saved(m: LinearModule, x_width: int, shared_inputs: set, cfg: FinetuneConfig, p: Precision) -> int:
+    """Bytes/token a LoRA adapter on module ``m`` saves (memory-accounting.md 6.5/6.6).
+
+    ``x_width``: bytes per element of the module's input.  ``shared_inputs`` collects inputs already counted
+    (the adapter's fp32 input is the same storage for q, k, v when no cast or dropout makes a copy).
+    """
+    r = cfg.lora_rank
+    n = m.in_features
+    dropout = cfg.lora_dropout > 0
+    total = 0
+    if dropout:
+        total += 1 * n  # native_dropout keeps a bool mask on CUDA
+        if p.autocast:
+            total += 2 * n  # lora_A saves the autocast bf16 cast of the dropout output
+        else:
+            total += p.adapter * n  # lora_A saves the dropout output in the adapter dtype
+    else:
+        if p.autocast:
+            total += 2 * n  # each module's lora_A casts its input (no cache for activations)
+        elif x_width == p.adapter:
+            # no cast: lora_A saves x itself, shared with the other modules reading the same input
+            if m.input not in shared_inputs:
+                shared_inputs.add(m.input)
+                total += p.adapter * n
+        else:
+            total += p.adapter * n  # a separate fp32 cast per module
+    total += (2 if p.autocast else p.adapter) * r  # lora_B saves lora_A's output
+    return total
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Saved bytes per token for one decoder layer, by part (all int).  ``per_token`` is their sum; ``per_seq``
+    holds the terms that grow with sequence length (eager attention's probabilities), bytes per token per
+    position of the sequence, and ``per_layer`` bytes that do not scale with tokens (autocast weight casts)."""
+
+    norms: int
+    attention: int
+    mlp: int
+    adapters: int
+    per_seq: int
+    per_layer: int
+
+    @property
+    def per_token(self) -> int:
+        return self.norms + self.attention + self.mlp + self.adapters
+
+    def bytes(self, cfg: FinetuneConfig) -> int:
+        """Saved bytes of one layer for the micro-batch of ``cfg``."""
+        T = cfg.tokens
+        return T * self.per_token + T * cfg.seq_len * self.per_seq + self.per_layer
+
+
+def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_grad: bool = True) -> LayerActivations:
+    """What one decoder layer saves for backward (memory-accounting.md 6.1-6.7).
+
+    ``input_requires_grad=False`` is layer 0 of a LoRA model whose frozen embedding output needs no grad: its
+    first norm then saves nothing.
+    """
+    p = precision(cfg)
+    h, i, hq, hkv, n_h = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim, spec.num_attention_heads
+    full = cfg.method == "full"
+    res = p.residual
+    targets = {id(m) for m in resolve_targets(spec, cfg.target_modules)} if cfg.is_lora else set()
+    linears = layer_linears(spec)
+    adapted = [m for m in linears if id(m) in targets]
+
+    # ---- norms ---------------------------------------------------------------------------------------------
+    # RMSNorm: fp32 upcast of the input (the input itself when already fp32) + rsqrt [T,1] fp32; with a trainable
+    # weight also the normalised x in the input dtype (Gemma: kept in fp32).
+    def norm(x_requires_grad: bool) -> int:
+        if not x_requires_grad and not full:
+            return 0
+        b = 4 * h + 4
+        if full:
+            b += (4 if spec.model_type in ("gemma", "gemma2") else res) * h
+        return b
+
+    n_norms = 4 if spec.model_type == "gemma2" else 2
+    norms = norm(input_requires_grad) + norm(True) * (n_norms - 1)
+
+    # ---- Linear inputs saved by trainable weights (full fine-tuning) ---------------------------------------------
+    w_in = p.compute  # width of what a Linear sees (its own cast under autocast)
+    attention = 0
+    mlp = 0
+    per_layer = 0
+    if full:
+        if p.autocast and p.param != p.compute:
+            # each Linear saves its own autocast cast of the input; weights cast per call and kept (cached)
+            attention += (3 if spec.model_type != "phi3" else 1) * w_in * h  # q, k, v each cast their input
+            mlp += (2 if spec.model_type != "phi3" else 1) * w_in * h + w_in * i
+            per_layer += 0  # weight casts of trainable fp32 leaves live in the autocast cache (memory.py)
+        else:
+            attention += w_in * h  # q/k/v share the norm output
+            mlp += w_in * h + w_in * i  # gate/up share the norm output; down saves the product
+            attention += 0  # o_proj input is the SDPA output, counted with attention below
+    # ---- attention core --------------------------------------------------------------------------------------
+    act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
+    kv_width = hkv
+    if cfg.padding or _eager(cfg):
+        kv_width = hq  # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats)
+    if _eager(cfg):
+        # q, repeated k and v, o_proj input copy; fp32 softmax probabilities + their cast to the compute dtype
+        attention += act * hq + 2 * act * kv_width + act * hq
+        per_seq = n_h * (4 + (act if act != 4 else 0))
+    else:
+        attention += act * hq + 2 * act * kv_width + act * hq + 4 * n_h  # q, k, v, out (= o_proj input), lse
+        per_seq = 0
+        if cfg.padding:
+            attention += act * cfg.seq_len  # the additive mask [b,1,s,s] converted per call and saved
+    if p.quantized and p.autocast:
+        # fp32 q/k after RoPE are cast for SDPA: the casts are what SDPA saves (counted above at 2 bytes)
+        pass
+    # ---- MLP activations (gate out, act out, up out) -----------------------------------------------------------
+    if spec.is_moe:
+        E, k = spec.num_local_experts, spec.num_experts_per_tok
+        if full:
+            mlp += k * (2 * act * h + 4 * act * i) + 4 * E + act * h + 100
+        else:  # frozen experts and router save no inputs, only what the activation and routing products need
+            mlp += k * (act * h + 3 * act * i) + 4 * E + 100
+    else:
+        mlp_width = 4 if p.quantized else p.compute
+        mlp += 3 * mlp_width * i  # gate_proj out (SiLU input), SiLU out, up_proj out
+    # ---- LoRA adapters -------------------------------------------------------------------------------------
+    adapters = 0
+    shared: set = set()
+    widths = {"norm1": res if not p.quantized else 4, "norm2": res if not p.quantized else 4,
+              "attn_out": act, "act": 4 if p.quantized else p.compute}
+    for m in adapted:
+        if m.input == "norm1" and not input_requires_grad:
+            # frozen embedding output: no dropout mask is needed, the dropout output is still saved by lora_A
+            x = _adapter_saved(m, widths[m.input], shared, cfg, p)
+            if cfg.lora_dropout > 0:
+                x -= m.in_features
+            adapters += x
+            continue
+        adapters += _adapter_saved(m, widths[m.input], shared, cfg, p)
+    if cfg.is_lora:
+        # the frozen down_proj / o_proj save nothing; when an adapter reads the MLP product it is saved by lora_A
+        pass
+    return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
+                            per_layer=per_layer)

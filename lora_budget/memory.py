@@ -1,0 +1,354 @@
+"""The memory model: bytes of every tensor class of one training step, and the peak of each phase.
+
+Sections refer to ``memory-accounting.md`` (shared reference).  Every component is an ``int`` number of bytes.
+The peak of a phase is the sum of the components live at that moment (``Phase.components``), so every total is
+computed from its parts.  ``peak_allocated`` predicts ``torch.cuda.max_memory_allocated``; ``peak_reserved``
+adds the caching allocator's reserve; ``device_total`` adds the CUDA context (what NVML reads for the process).
+Paged optimizer state lives in CUDA managed memory outside the allocator: it is reported as ``offloaded``, never
+added to the device totals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .activations import layer_activations, precision
+from .finetune import FinetuneConfig
+from .models import ModelSpec
+from .params import count_params, layer_linears, lora_params, resolve_targets
+from .units import MiB, ceil_div, dtype_bytes, round_up
+
+#: The caching allocator rounds every request up to a multiple of 512 bytes (kMinBlockSize).
+BLOCK = 512
+#: cuBLAS workspace through the caching allocator: 4096 KiB x 8 on sm90, two handles (forward thread and the
+#: autograd backward thread) - CublasHandlePool.cpp; 8.125 MiB per handle on older GPUs.  We budget 2 x 32 MiB.
+CUBLAS_WORKSPACE = 2 * 32 * MiB
+#: Reserved minus allocated at the peak (fragmentation and cached blocks), as a fraction of peak allocated.
+#: A heuristic (memory-accounting.md section 9: 5-15 %); calibrate with ``lora-budget measure`` on your GPU.
+RESERVE_FRACTION = 0.08
+#: CUDA context of a process with lazy module loading, plus lazily loaded cuBLAS/cuDNN kernels (section 9:
+#: 300-700 MB).  NVML's per-process figure adds it to the allocator's reserved memory.
+CUDA_CONTEXT = 500 * MiB
+#: bnb paged optimizers page a state buffer only when the parameter has at least this many elements.
+PAGED_MIN_NUMEL = 100_000
+#: bnb 8-bit optimizers keep fp32 state for parameters with fewer elements than this (min_8bit_size).
+MIN_8BIT_SIZE = 4096
+#: bnb >= 0.44 blockwise 8-bit optimizer block size (one fp32 absmax per block per state).
+OPT8_BLOCK = 256
+
+
+def _blk(n: int) -> int:
+    """Bytes the allocator hands out for a request of n bytes (0 stays 0)."""
+    return round_up(n, BLOCK) if n > 0 else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter tensors
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tensor:
+    """A parameter tensor of the model as the optimizer sees it: elements and bytes per element."""
+
+    numel: int
+    itemsize: int
+    embedding: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return _blk(self.numel * self.itemsize)
+
+
+def base_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
+    """Every dense (not 4-bit) base parameter tensor, in its dtype after loading / kbit preparation."""
+    p = precision(cfg)
+    w = p.param
+    h, V, L = spec.hidden_size, spec.vocab_size, spec.num_hidden_layers
+    out = [Tensor(V * h, w, embedding=True)]
+    if spec.model_type == "gpt2":
+        out.append(Tensor(spec.max_position_embeddings * h, w, embedding=True))
+    if not spec.tie_word_embeddings:
+        out.append(Tensor(V * h, w))
+    n_norms = 4 if spec.model_type == "gemma2" else 2
+    norm_tensors = [h, h] if spec.model_type == "gpt2" else [h]
+    for _ in range(L):
+        for m in layer_linears(spec):
+            if not p.quantized:
+                out.append(Tensor(m.in_features * m.out_features, w))
+            if m.bias:
+                out.append(Tensor(m.out_features, w))
+        for _ in range(n_norms):
+            out.extend(Tensor(n, w) for n in norm_tensors)
+        if spec.is_moe:
+            E, i = spec.num_local_experts, spec.intermediate_size
+            out += [Tensor(E * 2 * i * h, w), Tensor(E * h * i, w), Tensor(E * h, w)]
+    out.extend(Tensor(n, w) for n in norm_tensors)
+    return out
+
+
+def quantized_weight_bytes(numel: int, double_quant: bool) -> int:
+    """Device bytes of one bnb 4-bit weight of ``numel`` elements, each storage rounded to 512 B (section 2.2).
+
+    packed uint8 ceil(n/2); absmax fp32 per 64 (no DQ) or uint8 per 64 + fp32 per 256 absmax + fp32 offset +
+    fp32[256] state2 code (DQ); the fp32[16] nf4/fp4 code table.
+    """
+    blocks = ceil_div(numel, 64)
+    b = _blk(ceil_div(numel, 2)) + _blk(64)
+    if double_quant:
+        b += _blk(blocks) + _blk(4 * ceil_div(blocks, 256)) + _blk(4) + _blk(1024)
+    else:
+        b += _blk(4 * blocks)
+    return b
+
+
+def lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
+    """lora_A [r, in] and lora_B [out, r] of every adapted module, in the adapter dtype."""
+    if not cfg.is_lora:
+        return []
+    a = precision(cfg).adapter
+    r = cfg.lora_rank
+    out = []
+    for _ in range(spec.num_hidden_layers):
+        for m in resolve_targets(spec, cfg.target_modules):
+            out += [Tensor(r * m.in_features, a), Tensor(r * m.out_features, a)]
+    return out
+
+
+def trainable_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
+    """The parameters that get a .grad and optimizer state."""
+    if cfg.method == "full":
+        return base_tensors(spec, cfg)
+    return lora_tensors(spec, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer state
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """Optimizer state on the device, paged (managed memory, off the allocator), and step temporaries."""
+
+    device: int
+    paged: int
+    step_temporary: int
+    notes: tuple[str, ...] = ()
+
+
+def optimizer_memory(spec: ModelSpec, cfg: FinetuneConfig, tensors: list[Tensor] | None = None) -> OptimizerMemory:
+    """Optimizer state bytes for ``cfg.optim`` (section 4)."""
+    tensors = trainable_tensors(spec, cfg) if tensors is None else tensors
+    o = cfg.optim
+    if o == "sgd":
+        return OptimizerMemory(0, 0, 0, ("torch SGD without momentum keeps no state",))
+    if o in ("adamw_torch", "adamw_torch_fused"):
+        states = sum(2 * t.bytes for t in tensors)
+        if o == "adamw_torch_fused":
+            steps = len(tensors) * BLOCK  # a 0-dim fp32 step tensor per parameter on the device
+            return OptimizerMemory(states + steps, 0, 0, ("fused AdamW: states in the parameter dtype",))
+        # foreach: _foreach_sqrt(exp_avg_sq) materialises one copy of all second moments during step()
+        temp = sum(t.bytes for t in tensors)
+        return OptimizerMemory(states, 0, temp, ("foreach AdamW (torch default on CUDA): one sqrt copy of "
+                                                 "exp_avg_sq during step()",))
+    eight = o in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+    paged = o.startswith("paged")
+    dev = 0
+    off = 0
+    for t in tensors:
+        if eight and t.numel >= MIN_8BIT_SIZE and not t.embedding:
+            b = 2 * _blk(t.numel) + 2 * _blk(4 * ceil_div(t.numel, OPT8_BLOCK))
+        else:  # 32-bit states (fp32 whatever the param dtype; Trainer overrides embeddings to 32-bit)
+            b = 2 * _blk(4 * t.numel)
+        if paged and t.numel >= PAGED_MIN_NUMEL:
+            off += b
+        else:
+            dev += b
+    notes = ["bnb " + ("8-bit" if eight else "32-bit") + " AdamW: in-place blockwise update, no temporaries"]
+    if paged:
+        notes.append("paged: state buffers of params >= 1e5 elements live in CUDA managed memory (reported as "
+                     "offloaded, not in torch's allocator counters)")
+    return OptimizerMemory(dev, off, 0, tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activations outside the layers, logits and loss
+# ---------------------------------------------------------------------------------------------------------------
+def logits_width(spec: ModelSpec, cfg: FinetuneConfig) -> int:
+    """Bytes per element of the logits lm_head returns (compute dtype; fp32 lm_head without autocast)."""
+    p = precision(cfg)
+    if p.autocast:
+        return 2
+    return 4 if p.quantized else p.param
+
+
+@dataclass(frozen=True)
+class LossMemory:
+    """Logits and cross-entropy tensors (section 8), bytes for one micro-batch."""
+
+    saved: int  # log_softmax output (fp32, N x V) + shifted int64 labels kept for backward
+    forward_transient: int  # bf16 logits + fp32 upcast (or accelerate's fp32 copy) while the loss is computed
+    backward_transient: int  # grad of log_softmax output + grad input (both fp32 N x V) at the start of backward
+
+
+def loss_memory(spec: ModelSpec, cfg: FinetuneConfig) -> LossMemory:
+    N, V = cfg.tokens, spec.vocab_size
+    wl = logits_width(spec, cfg)
+    logits = _blk(N * V * wl)
+    up = _blk(N * V * 4) if wl != 4 else 0
+    saved = _blk(N * V * 4) + _blk(8 * N)
+    return LossMemory(saved=saved, forward_transient=logits + up, backward_transient=2 * _blk(N * V * 4))
+
+
+def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
+    """Bytes saved outside the decoder layers (final norm, lm_head input / weight cast), without the loss."""
+    p = precision(cfg)
+    h, V, T = spec.hidden_size, spec.vocab_size, cfg.tokens
+    full = cfg.method == "full"
+    b = T * (4 * h + 4)  # final norm: fp32 input + rsqrt
+    if full:
+        b += T * p.residual * h  # normalised x for the norm weight's grad
+        b += T * p.compute * h if (p.autocast and p.param != p.compute) else 0  # lm_head's own input cast
+        if not (p.autocast and p.param != p.compute):
+            b += T * p.residual * h  # lm_head saves its input (the final norm output)
+    if p.autocast and p.param == 4:
+        b += 2 * V * h  # bf16 cast of the fp32 lm_head weight, saved for the input gradient
+    return b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    """Components live at the peak of one phase; ``total`` is their sum."""
+
+    name: str
+    components: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Every component's size, the phases built from them, and the three totals."""
+
+    components: dict
+    phases: tuple[Phase, ...]
+    offloaded: int
+    reserve: int
+    context: int
+    notes: tuple[str, ...]
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda ph: ph.total)
+
+    @property
+    def peak_allocated(self) -> int:
+        return self.peak_phase.total
+
+    @property
+    def peak_reserved(self) -> int:
+        return self.peak_allocated + self.reserve
+
+    @property
+    def device_total(self) -> int:
+        return self.peak_reserved + self.context
+
+
+def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
+    """Predict the memory of one training step of ``spec`` under ``cfg``."""
+    p = precision(cfg)
+    pc = count_params(spec)
+    L = spec.num_hidden_layers
+    T = cfg.tokens
+    h = spec.hidden_size
+    notes: list[str] = []
+
+    # weights ------------------------------------------------------------------------------------------------
+    dense = base_tensors(spec, cfg)
+    weights = sum(t.bytes for t in dense)
+    quant = 0
+    if p.quantized:
+        dq = cfg.bnb_4bit_use_double_quant
+        for m in layer_linears(spec):
+            quant += L * quantized_weight_bytes(m.in_features * m.out_features, dq)
+    adapters = sum(t.bytes for t in lora_tensors(spec, cfg))
+    buffers = _blk(4 * (spec.d_head // 2)) if spec.model_type != "gpt2" else 0  # rotary inv_freq
+    # gradients and optimizer -------------------------------------------------------------------------------
+    trainable = trainable_tensors(spec, cfg)
+    grads = sum(t.bytes for t in trainable)
+    opt = optimizer_memory(spec, cfg, trainable)
+    # activations ----------------------------------------------------------------------------------------------
+    embed_grad = cfg.method == "full" or (cfg.gradient_checkpointing and cfg.is_lora)
+    la = layer_activations(spec, cfg)
+    la0 = la if embed_grad else layer_activations(spec, cfg, input_requires_grad=False)
+    per_layer = la.bytes(cfg)
+    layer0 = la0.bytes(cfg)
+    top = top_saved(spec, cfg)
+    loss = loss_memory(spec, cfg)
+    if cfg.gradient_checkpointing:
+        ckpt = L * _blk(T * p.residual * h)  # each layer's input, kept by the checkpoint
+        saved_layers = ckpt
+        recompute = per_layer
+    else:
+        saved_layers = layer0 + (L - 1) * per_layer
+        recompute = 0
+    autocast_cache = 0
+    if p.autocast and cfg.method == "full" and p.param == 4:
+        # trainable fp32 Linear weights: their bf16 casts are cached until the outermost autocast exits
+        autocast_cache = 2 * L * pc.per_layer_linear_weights
+    elif p.autocast and cfg.is_lora:
+        autocast_cache = sum(2 * t.numel for t in lora_tensors(spec, cfg))
+    dequant = 0
+    if p.quantized:
+        biggest = max(m.in_features * m.out_features for m in layer_linears(spec))
+        dequant = _blk(biggest * dtype_bytes(cfg.bnb_4bit_compute_dtype))
+    workspace = CUBLAS_WORKSPACE
+
+    components = {
+        "weights": weights,
+        "quantized_weights": quant,
+        "lora_adapters": adapters,
+        "buffers": buffers,
+        "gradients": grads,
+        "optimizer_state": opt.device,
+        "optimizer_step_temporaries": opt.step_temporary,
+        "activations": saved_layers + top,
+        "logits_loss": loss.saved + max(loss.forward_transient, loss.backward_transient),
+        "recompute": recompute,
+        "autocast_cache": autocast_cache,
+        "dequant_transient": dequant,
+        "cuda_workspace": workspace,
+    }
+
+    static = {"weights": weights, "quantized_weights": quant, "lora_adapters": adapters, "buffers": buffers,
+              "cuda_workspace": workspace}
+    k = cfg.gradient_accumulation_steps
+    phases = []
+    for step in ("first_step", "steady_state"):
+        s = opt.device if step == "steady_state" else 0
+        g_fwd = grads if k > 1 else 0  # grads of earlier micro-batches persist across accumulation
+        fwd = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
+                   logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache,
+                   dequant_transient=dequant)
+        bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
+                         logits_loss=loss.backward_transient + _blk(8 * T))
+        # inside the layers' backward: the last layer's saved tensors (recomputed under checkpointing)
+        bwd_layers = dict(static, optimizer_state=s, gradients=grads if (k > 1 or cfg.method == "full") else grads,
+                          activations=(saved_layers if not cfg.gradient_checkpointing else saved_layers),
+                          recompute=recompute, dequant_transient=dequant)
+        if cfg.method == "full" and not cfg.gradient_checkpointing:
+            bwd_layers["activations"] = 0
+        opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
+                        optimizer_step_temporaries=opt.step_temporary)
+        phases.append(Phase(f"{step}.forward", fwd))
+        bwd = max((Phase(f"{step}.backward", bwd_start), Phase(f"{step}.backward", bwd_layers)),
+                  key=lambda ph: ph.total)
+        phases.append(bwd)
+        phases.append(Phase(f"{step}.optimizer_step", opt_step))
+    peak = max(ph.total for ph in phases)
+    reserve = int(peak * RESERVE_FRACTION)
+    notes.extend(opt.notes)
+    return MemoryBreakdown(components=components, phases=tuple(phases), offloaded=opt.paged, reserve=reserve,
+                           context=CUDA_CONTEXT, notes=tuple(notes))
