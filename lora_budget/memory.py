@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .activations import layer_activations, precision
 from .finetune import FinetuneConfig
 from .models import ModelSpec
-from .params import count_params, layer_linears, lora_params, resolve_targets
+from .params import count_params, layer_adapters, layer_linears, lora_params
 from .units import MiB, ceil_div, dtype_bytes, round_up
 
 #: The caching allocator rounds every request up to a multiple of 512 bytes (kMinBlockSize).
@@ -105,11 +105,10 @@ def lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
     if not cfg.is_lora:
         return []
     a = precision(cfg).adapter
-    r = cfg.lora_rank
     out = []
     for _ in range(spec.num_hidden_layers):
-        for m in resolve_targets(spec, cfg.target_modules):
-            out += [Tensor(r * m.in_features, a), Tensor(r * m.out_features, a)]
+        for ad in layer_adapters(spec, cfg):
+            out += [Tensor(ad.a_numel, a), Tensor(ad.b_numel, a)]
     return out
 
 

@@ -159,6 +159,9 @@ def resolve_targets(spec: ModelSpec, target_modules) -> tuple[LinearModule, ...]
     if target_modules == "all-linear":
         return linears
     if target_modules is None:
+        if spec.model_type == "mixtral":
+            raise ConfigError("peft 0.21 finds no default target_modules in a transformers 5 Mixtral "
+                              "(NoMatchingPeftModuleError): pass --target-modules, e.g. q_proj,v_proj or all-linear")
         if spec.model_type not in PEFT_DEFAULT_TARGETS:
             raise ConfigError(f"peft has no default target_modules for model_type {spec.model_type!r}: pass "
                               f"--target-modules (e.g. {','.join(m.name for m in linears)} or all-linear)")
@@ -180,22 +183,45 @@ def resolve_targets(spec: ModelSpec, target_modules) -> tuple[LinearModule, ...]
     return tuple(m for m in linears if m in chosen)
 
 
-def lora_params(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[int, int]:
-    """(trainable LoRA parameters, number of adapted modules) for a LoRA/QLoRA setup; (0, 0) for full.
+@dataclass(frozen=True)
+class Adapter:
+    """The LoRA weights peft adds to one module of a layer: lora_A and lora_B element counts."""
 
-    Per adapted module peft adds lora_A (in -> r) and lora_B (r -> out), no bias: r * (in + out).
-    Raises ConfigError when the rank exceeds a targeted layer's smaller dimension.
+    name: str
+    a_numel: int
+    b_numel: int
+
+
+def layer_adapters(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[Adapter, ...]:
+    """The LoRA adapters of one decoder layer (peft 0.21).
+
+    Per adapted Linear: lora_A [r, in] and lora_B [out, r], no bias.  For Mixtral under "all-linear", peft 0.21
+    also adapts the router (lora_A [r, h], lora_B [E, r]) and the 3-D experts through its parameter wrapper
+    (gate_up_proj: lora_A [2rE, h], lora_B [2i, 2rE]; down_proj: lora_A [rE, i], lora_B [h, rE]) - as counted
+    on the real peft + transformers 5 classes.  Raises ConfigError when the rank exceeds a targeted Linear's
+    smaller dimension.
     """
     if not cfg.is_lora:
-        return 0, 0
+        return ()
     targets = resolve_targets(spec, cfg.target_modules)
     r = cfg.lora_rank
     for m in targets:
         if r > min(m.in_features, m.out_features):
             raise ConfigError(f"--lora-rank {r} is larger than {m.name}'s smaller dimension "
                               f"({min(m.in_features, m.out_features)}); a rank above that cannot add capacity")
-    per_layer = sum(r * (m.in_features + m.out_features) for m in targets)
-    return per_layer * spec.num_hidden_layers, len(targets) * spec.num_hidden_layers
+    out = [Adapter(m.name, r * m.in_features, r * m.out_features) for m in targets]
+    if spec.is_moe and cfg.target_modules == "all-linear":
+        E, h, i = spec.num_local_experts, spec.hidden_size, spec.intermediate_size
+        out += [Adapter("gate", r * h, E * r), Adapter("experts.gate_up_proj", 2 * r * E * h, 2 * i * 2 * r * E),
+                Adapter("experts.down_proj", r * E * i, h * r * E)]
+    return tuple(out)
+
+
+def lora_params(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[int, int]:
+    """(trainable LoRA parameters, number of adapted modules) for a LoRA/QLoRA setup; (0, 0) for full."""
+    adapters = layer_adapters(spec, cfg)
+    per_layer = sum(a.a_numel + a.b_numel for a in adapters)
+    return per_layer * spec.num_hidden_layers, len(adapters) * spec.num_hidden_layers
 
 
 def trainable_params(spec: ModelSpec, cfg: FinetuneConfig) -> int:
