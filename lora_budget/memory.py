@@ -29,6 +29,9 @@ RESERVE_FRACTION = 0.08
 #: CUDA context of a process with lazy module loading, plus lazily loaded cuBLAS/cuDNN kernels (section 9:
 #: 300-700 MB).  NVML's per-process figure adds it to the allocator's reserved memory.
 CUDA_CONTEXT = 500 * MiB
+#: 0-dim and tiny tensors alive at the end of forward (loss, its total weight, the shifted labels' view ...): one
+#: 512 B block each, counted on the dry run.
+SMALL_BLOCKS = 3
 #: bnb paged optimizers page a state buffer only when the parameter has at least this many elements.
 PAGED_MIN_NUMEL = 100_000
 #: bnb 8-bit optimizers keep fp32 state for parameters with fewer elements than this (min_8bit_size).
@@ -112,6 +115,13 @@ def lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
     return out
 
 
+def layer_grad_bytes(spec: ModelSpec, cfg: FinetuneConfig) -> int:
+    """Gradient bytes of one decoder layer's parameters under full fine-tuning."""
+    one = spec.with_(num_hidden_layers=1)
+    two = spec.with_(num_hidden_layers=2)
+    return sum(t.bytes for t in base_tensors(two, cfg)) - sum(t.bytes for t in base_tensors(one, cfg))
+
+
 def trainable_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
     """The parameters that get a .grad and optimizer state."""
     if cfg.method == "full":
@@ -193,7 +203,10 @@ def loss_memory(spec: ModelSpec, cfg: FinetuneConfig) -> LossMemory:
     logits = _blk(N * V * wl)
     up = _blk(N * V * 4) if wl != 4 else 0
     saved = _blk(N * V * 4) + _blk(8 * N)
-    return LossMemory(saved=saved, forward_transient=logits + up, backward_transient=2 * _blk(N * V * 4))
+    # while the loss is computed the model still holds the final norm output (its hidden_states variable)
+    # (for full fine-tuning that tensor is lm_head's saved input, already counted in the activations)
+    hidden = 0 if cfg.method == "full" else _blk(N * spec.hidden_size * precision(cfg).residual)
+    return LossMemory(saved=saved, forward_transient=logits + up + hidden, backward_transient=2 * _blk(N * V * 4))
 
 
 def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
@@ -209,6 +222,10 @@ def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
             b += T * p.residual * h  # lm_head saves its input (the final norm output)
     if p.autocast and p.param == 4:
         b += 2 * V * h  # bf16 cast of the fp32 lm_head weight, saved for the input gradient
+    # rotary cos and sin [1, s, head_dim] in the hidden-state dtype, shared by all layers
+    if spec.model_type != "gpt2":
+        b += 2 * _blk(cfg.seq_len * spec.d_head * p.residual)
+    b += SMALL_BLOCKS * BLOCK
     return b
 
 
@@ -332,13 +349,27 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                    logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache,
                    dequant_transient=dequant)
         bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
-                         logits_loss=loss.backward_transient + _blk(8 * T))
-        # inside the layers' backward: the last layer's saved tensors (recomputed under checkpointing)
-        bwd_layers = dict(static, optimizer_state=s, gradients=grads if (k > 1 or cfg.method == "full") else grads,
-                          activations=(saved_layers if not cfg.gradient_checkpointing else saved_layers),
-                          recompute=recompute, dequant_transient=dequant)
-        if cfg.method == "full" and not cfg.gradient_checkpointing:
-            bwd_layers["activations"] = 0
+                         logits_loss=loss.saved + loss.backward_transient, autocast_cache=autocast_cache)
+        # inside the layers' backward, going down from the top layer: the layer's saved tensors (recomputed under
+        # checkpointing) while, for full fine-tuning, the weight gradients of the layers above accumulate.  Both
+        # grow linearly in the layer index, so the largest is at the top or the bottom layer.
+        if cfg.method == "full":
+            g_layer = sum(t.bytes for t in trainable[-0:]) and layer_grad_bytes(spec, cfg)
+            g_top = grads - L * g_layer - (sum(t.bytes for t in dense if t.embedding))
+            per_saved = _blk(T * p.residual * h) if cfg.gradient_checkpointing else per_layer
+            candidates = []
+            for above in (0, L - 1):
+                below = L - above
+                acts = (below * per_saved if cfg.gradient_checkpointing else
+                        (below - 1) * per_layer + (layer0 if below == 1 else per_layer) - (0 if below > 1 else 0))
+                candidates.append(dict(static, optimizer_state=s, gradients=(grads if k > 1 else g_top + (above + 1) * g_layer),
+                                       activations=acts + (top if above == 0 and not cfg.gradient_checkpointing else 0),
+                                       recompute=recompute, dequant_transient=dequant,
+                                       autocast_cache=autocast_cache if above == 0 else 0))
+            bwd_layers = max(candidates, key=lambda c: sum(c.values()))
+        else:
+            bwd_layers = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
+                              recompute=recompute, dequant_transient=dequant)
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
                         optimizer_step_temporaries=opt.step_temporary)
         phases.append(Phase(f"{step}.forward", fwd))

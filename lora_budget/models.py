@@ -117,6 +117,9 @@ class ModelSpec:
             if self.is_moe:
                 cfg["num_local_experts"] = self.num_local_experts
                 cfg["num_experts_per_tok"] = self.num_experts_per_tok
+        if self.model_type == "phi3":
+            # Phi3Config's default pad_token_id (32000) must be inside the vocabulary of small test variants
+            cfg["pad_token_id"] = None
         cfg.update(dict(self.extra_config))
         return cfg
 
