@@ -33,11 +33,25 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def attn_implementation_for(cfg, device: str) -> str:
-    """FlashAttention-2 needs the flash_attn package and a CUDA device; elsewhere it is traced as SDPA."""
-    if cfg.attn_implementation == "flash_attention_2" and not str(device).startswith("cuda"):
-        return "sdpa"
-    return cfg.attn_implementation
+def model_class(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def attn_implementation_for(cfg, device: str, config=None) -> str:
+    """The attention implementation the model is built with.
+
+    FlashAttention-2 needs the flash_attn package and a CUDA device; elsewhere it is traced as SDPA.  A model class
+    without SDPA support (Gemma-2 in transformers 5.24: soft-capping) falls back to eager, as transformers' default
+    choice does.
+    """
+    impl = cfg.attn_implementation
+    if impl == "flash_attention_2" and not str(device).startswith("cuda"):
+        impl = "sdpa"
+    if impl == "sdpa" and config is not None and not getattr(model_class(config), "_supports_sdpa", True):
+        impl = "eager"
+    return impl
 
 
 def hf_config(spec, cfg, device: str = "meta"):
@@ -50,7 +64,7 @@ def hf_config(spec, cfg, device: str = "meta"):
     d.pop("architectures", None)
     d["dtype"] = cfg.dtype
     config = AutoConfig.for_model(model_type, **d)
-    config._attn_implementation = attn_implementation_for(cfg, device)
+    config._attn_implementation = attn_implementation_for(cfg, device, config)
     return config
 
 
@@ -119,6 +133,8 @@ def _quantize_4bit_weights(model, device: str, dtype, std: float):
             continue
         old = mod.weight
         if device == "meta":
+            # the checkpoint weight would arrive in the load dtype; quant_state.dtype (the dequantize dtype) follows it
+            old.data = old.data.to(dtype)
             old._quantize("meta")
             continue
         w = torch.empty(tuple(old.shape), dtype=dtype, device=device)
@@ -159,6 +175,17 @@ def _materialise_rest(model, device: str):
                 continue
             if any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False)):
                 model._init_weights(mod)
+
+
+def _cast_4bit_biases(model, compute_dtype):
+    """``Linear4bit.forward`` replaces its bias by a compute-dtype copy at the first call (``bias.data =
+    bias.data.to(x.dtype)``), after prepare_model_for_kbit_training made it fp32.  Apply that cast up front so the
+    bias stays a parameter storage (and meta/fake and real runs agree)."""
+    import bitsandbytes as bnb
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and mod.bias is not None and mod.bias.dtype != compute_dtype:
+            mod.bias.data = mod.bias.data.to(compute_dtype)
 
 
 def lora_config(spec, cfg):
@@ -204,6 +231,7 @@ def build_model(spec, cfg, *, device: str = "meta"):
 
             if cfg.method == "qlora":
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+                _cast_4bit_biases(model, torch_dtype(cfg.bnb_4bit_compute_dtype))
             try:
                 lcfg = lora_config(spec, cfg)
                 ctx = torch.device("meta") if device == "meta" else contextlib.nullcontext()
@@ -215,6 +243,7 @@ def build_model(spec, cfg, *, device: str = "meta"):
             # transformers 5 Trainer(gradient_checkpointing=True): use_reentrant=False + enable_input_require_grads
             model.activation_checkpointing_enable()
         model.train()
+    model.lb_attn_implementation = config._attn_implementation
     return model
 
 

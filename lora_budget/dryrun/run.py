@@ -247,7 +247,11 @@ def dry_run(spec, cfg, *, steps: int = 2, progress=None, cuda_emulation: bool = 
     t2 = time.perf_counter()
     del keep
     lines = list(out["emulations"])
-    if cfg.attn_implementation == "flash_attention_2":
+    eff = getattr(model, "lb_attn_implementation", cfg.attn_implementation)
+    if eff == "eager" and cfg.attn_implementation != "eager":
+        lines.insert(0, f"attention: {spec.model_type} has no SDPA support in this transformers version; traced with "
+                        "eager attention (transformers' own fallback)")
+    elif cfg.attn_implementation == "flash_attention_2":
         lines.insert(0, "attention: flash_attention_2 traced as SDPA (same saved tensors without padding: q, k, v, "
                         "out, fp32 softmax_lse; FA2's unpadding of padded batches is not emulated)")
     lines.extend(NOT_EMULATED)
