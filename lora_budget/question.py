@@ -66,7 +66,8 @@ _BEFORE = {"seq": "seq_len", "sequence": "seq_len", "seqlen": "seq_len", "contex
            "accumulation": "gradient_accumulation_steps", "accum": "gradient_accumulation_steps",
            "ga": "gradient_accumulation_steps", "gas": "gradient_accumulation_steps"}
 #: Cue words after a number.
-_AFTER = {"tokens": "seq_len", "token": "seq_len", "toks": "seq_len", "context": "seq_len", "ctx": "seq_len"}
+_AFTER = {"tokens": "seq_len", "token": "seq_len", "toks": "seq_len", "context": "seq_len", "ctx": "seq_len",
+          "seq": "seq_len", "sequence": "seq_len", "seqlen": "seq_len"}
 #: Words skipped between a cue and its number ("batch size of 8", "sequence length = 2048").
 _SKIP = {"of", "a", "an", "the", "is", "to", "at", "size", "sizes", "steps", "step", "per", "device", "train",
          "max", "maximum", "micro", "window", "lora", "with", "set"}
@@ -207,7 +208,8 @@ def _model_keys() -> dict[tuple[str, ...], ModelSpec]:
 
     keys: dict[tuple[str, ...], ModelSpec] = {}
     for spec in list_models():
-        for k in (spec.name, spec.hf_id, *spec.aliases):
+        names = (spec.name, spec.hf_id, *spec.aliases)
+        for k in names + tuple(n.split("/")[-1] for n in names if "/" in n):  # repo names without the org
             if k:
                 keys.setdefault(_key_tokens(k), spec)
     return keys
@@ -236,11 +238,21 @@ def _family_before(toks: list[_Tok], i: int) -> list[int]:
     return out
 
 
-def _read_model(text: str, toks: list[_Tok]) -> tuple[ModelSpec, Reading]:
+def _take_paths(text: str, toks: list[_Tok]) -> list[str]:
+    """Paths to a config.json written in the question; their words are not read as anything else."""
+    paths = []
+    for m in re.finditer(r"(?:^|\s)(\S+\.json)\b", text):
+        paths.append(m.group(1))
+        for t in toks:
+            if m.start(1) <= t.start and t.end <= m.end(1):
+                t.used = "model"
+    return paths
+
+
+def _read_model(text: str, toks: list[_Tok], paths: list[str]) -> tuple[ModelSpec, Reading]:
     from .models import get_model, list_models
     from .sizes import PREFERRED, nearest_catalog, parse_param_size, resolve_size, size_label
 
-    paths = re.findall(r"(?:^|\s)(\S+\.json)\b", text)
     named = _find(toks, _model_keys())
     sizes = [i for i, t in enumerate(toks) if not t.used and _PSIZE_RE.match(t.text)
              and not any(s <= i < s + n for s, n, _ in named)]
@@ -630,8 +642,9 @@ def parse_question(text: str) -> Question:
     text = str(text)
     toks = tokenize(text)
     try:
+        paths = _take_paths(text, toks)
         gpu, gpu_reading = _read_gpu(text, toks)
-        model, model_reading = _read_model(text, toks)
+        model, model_reading = _read_model(text, toks, paths)
         if gpu is None:
             _check_unknown_gpu(text, toks)
     except UnreadableQuestion:

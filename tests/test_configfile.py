@@ -27,9 +27,9 @@ AXOLOTL_OPTIONS = dict(lora_rank=32, lora_alpha=16, lora_dropout=0.05, target_mo
                        batch_size=2, gradient_accumulation_steps=4, optim="paged_adamw_32bit",
                        gradient_checkpointing=True, attn_implementation="flash_attention_2", dtype="bfloat16",
                        mixed_precision="bf16", padding=False)
-PAIR_OPTIONS = dict(lora_rank=16, lora_alpha=32, lora_dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj",
-                                                                                    "o_proj"),
-                    batch_size=4, gradient_accumulation_steps=4, mixed_precision="bf16", optim="adamw_torch_fused",
+PAIR_OPTIONS = dict(lora_rank=16, lora_alpha=32, lora_dropout=0.05,
+                    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), batch_size=4,
+                    gradient_accumulation_steps=4, mixed_precision="bf16", optim="adamw_torch_fused",
                     gradient_checkpointing=True, seq_len=1024, padding=False)
 BNB_OPTIONS = dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16")
 
@@ -45,8 +45,8 @@ MAPPED = {
              "init_lora_weights"},
     "training_args": {"per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "optim",
                       "gradient_checkpointing", "max_length", "max_seq_length", "packing"},
-    "bnb": {"load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-            "bnb_4bit_compute_dtype"},
+    "bnb": {"load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit", "bnb_4bit_quant_type",
+            "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"},
 }
 
 

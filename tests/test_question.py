@@ -84,6 +84,10 @@ READABLE = [
      {"seq_len": 4096, "batch_size": 4}),
     ("squeeze 65B onto a 48GB GPU using 4 bit", "llama-65b", "48GB", 48 * GB, ("qlora",), {}),
     ("Llama 2 70B chat with QLoRA on an 80 GB GPU", "llama-2-70b", "80GB", 80 * GB, ("qlora",), {}),
+    ("Mistral-7B-Instruct-v0.3 on a 3060 with qlora at 1k context", "mistral-7b-v0.3", "RTX-3060-12GB", None,
+     ("qlora",), {"seq_len": 1024}),
+    ("8\u00d77B on H200 qlora", "mixtral-8x7b", "H200", None, ("qlora",), {}),
+    ("is 24GB enough for 13B lora?", "llama-2-13b", "24GB", 24 * GB, ("lora",), {}),
 ]
 
 # (question, words the one-line refusal must contain)
@@ -92,6 +96,7 @@ REFUSED = [
     ("8B on two 4090s", "2 GPUs"),
     ("falcon 7b on a 4090", "falcon 7b"),
     ("code llama 34b on an a100", "code llama 34b"),
+    ("gpt-j 6b on a 4090", "gpt-j 6b"),
     ("can I fit it on a 4090?", "cannot find a model"),
     ("hello", "cannot find a model"),
     ("", "empty question"),
@@ -187,6 +192,18 @@ def test_options_that_do_not_apply_to_full_are_dropped_with_a_note():
 def test_one_method_with_an_option_it_refuses_is_an_error():
     with pytest.raises(ConfigError):
         answer_question("7B full fine-tune on a 4090 with rank 16")
+
+
+def test_a_config_json_path(tmp_path):
+    folder = tmp_path / "my-13b-model"
+    folder.mkdir()
+    cfg = get_model("llama-2-13b").to_hf_config()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    q = parse_question(f"can I fit {folder / 'config.json'} on an A100 80GB with qlora")
+    assert q.model.hidden_size == 5120 and q.model.num_hidden_layers == 40
+    assert q.gpu.name == "A100-80GB" and q.methods == ("qlora",)
+    with pytest.raises(UnreadableQuestion, match="no config.json"):
+        parse_question(f"{tmp_path / 'missing' / 'config.json'} on a 4090")
 
 
 def test_numbers_not_understood_are_listed():
