@@ -88,7 +88,10 @@ def pop_config(kwargs: dict, file_options: dict | None = None):
     method = kwargs.pop("method")
     opts = {k: kwargs.pop(k) for k in FINETUNE_KEYS}
     if file_options:
-        method = file_options.get("method", method) if opts and kwargs.get("_method_given") is None else method
+        ctx = click.get_current_context(silent=True)
+        given = ctx is not None and ctx.get_parameter_source("method") == click.core.ParameterSource.COMMANDLINE
+        if file_options.get("method") and not given:
+            method = file_options["method"]
         for k, v in file_options.items():
             if k != "method" and opts.get(k) is None:
                 opts[k] = v
@@ -166,9 +169,38 @@ def render_estimate(est, verbose: bool = True) -> str:
 
 
 def resolve_model(name: str):
+    """A catalog name, HF id, config.json path, or a bare size such as 65B / 8x7B (said on stderr)."""
     from .models import get_model
+    from .sizes import is_bare_size, resolve_size
 
+    if is_bare_size(name):
+        spec, why = resolve_size(name)
+        click.echo(f"Model: {why}", err=True)
+        return spec
     return get_model(name)
+
+
+def config_files_option(f):
+    return click.option("--config", "config_files", multiple=True, type=click.Path(exists=True),
+                        help="peft adapter_config.json, TrainingArguments JSON/YAML, BitsAndBytesConfig or axolotl "
+                             "YAML (repeatable); command-line options win.")(f)
+
+
+def model_and_config(model, kwargs, config_files):
+    """The ModelSpec and FinetuneConfig of a command, with its --config files (their notes go to stderr)."""
+    file_options = None
+    if config_files:
+        from .configfile import describe_ignored, load_options
+
+        method, opts, ignored, model_name = load_options(*config_files)
+        file_options = dict(opts, **({"method": method} if method else {}))
+        lines = describe_ignored(ignored)
+        if lines:
+            click.echo("Config files:\n" + "\n".join(lines), err=True)
+        model = model or model_name
+    if not model:
+        fail("give MODEL (or a --config file that names its base model)")
+    return resolve_model(model), pop_config(kwargs, file_options)
 
 
 def resolve_gpu(name: str | None):
@@ -184,19 +216,19 @@ def emit_json(obj) -> None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @finetune_options
+@config_files_option
 @click.option("--gpu", default=None, help="Catalog GPU name or a capacity such as 48GB / 24GiB.")
 @click.option("--dry-run", "dry_run", is_flag=True,
               help="Trace the real HF training step on fake tensors instead (needs lora_budget[dryrun]).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def estimate(model, gpu, dry_run, as_json, **kwargs):
-    """Predict the memory of one training step of MODEL (catalog name, HF id or config.json path)."""
+def estimate(model, gpu, dry_run, as_json, config_files, **kwargs):
+    """Predict the memory of one training step of MODEL (catalog name, HF id, config.json path or a size: 65B)."""
     from .estimate import estimate as run_estimate
 
-    spec = resolve_model(model)
-    cfg = pop_config(kwargs)
+    spec, cfg = model_and_config(model, kwargs, config_files)
     g = resolve_gpu(gpu)
     if dry_run:
         from .commands.dryrun import run_dry_estimate
@@ -211,21 +243,26 @@ def estimate(model, gpu, dry_run, as_json, **kwargs):
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @finetune_options
-@click.option("--gpu", default=None, help="Catalog GPU name or a capacity such as 48GB / 24GiB.")
+@config_files_option
+@click.option("--gpu", default=None, help="Catalog GPU name or a capacity such as 48GB / 24GiB [this machine's "
+                                          "GPU, free memory, through NVML].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def fit(model, gpu, as_json, **kwargs):
+def fit(model, gpu, as_json, config_files, **kwargs):
     """Does MODEL fit on GPU? Yes or no, with the peak, the headroom and changes that would make it fit."""
     from .estimate import estimate as run_estimate
     from .estimate import suggestions
 
+    spec, cfg = model_and_config(model, kwargs, config_files)
     if gpu is None:
-        fail("--gpu is required (a catalog name such as a100-80gb, or a capacity such as 48GB)")
-    spec = resolve_model(model)
-    cfg = pop_config(kwargs)
-    g = resolve_gpu(gpu)
+        from .commands.ask import default_gpu
+
+        g, why = default_gpu()
+        click.echo(f"GPU: {why}", err=True)
+    else:
+        g = resolve_gpu(gpu)
     est = run_estimate(spec, cfg, g)
     sugg = [] if est.fits else suggestions(est)
     if as_json:

@@ -101,10 +101,12 @@ class DetectedGPU:
         """A GPUSpec for fit checks: the free memory (default) or the total, named after the device."""
         base = None
         k = _key(self.name.replace("NVIDIA", ""))
-        for g in list_gpus():
-            if _key(g.name) in k or any(_key(a) == k for a in g.aliases):
-                base = g
-                break
+        idx = _index()
+        if k in idx:  # exact name or alias first
+            base = idx[k]
+        else:  # else the longest catalog key contained in the device name ("A100SXM480GB" -> a100sxm480gb)
+            hits = sorted((key for key in idx if key and key in k), key=len, reverse=True)
+            base = idx[hits[0]] if hits else None
         mem = self.free_bytes if use_free else self.total_bytes
         label = f"{self.name} #{self.index} ({'free' if use_free else 'total'} memory)"
         if base is None:

@@ -48,7 +48,7 @@ def test_models_and_gpus_json():
 @pytest.mark.parametrize("args,needle", [
     (["estimate", "llama-2-7"], "unknown model"),
     (["fit", "llama-2-7b", "--gpu", "h1000"], "unknown GPU"),
-    (["fit", "llama-2-7b"], "--gpu is required"),
+    (["fit", "llama-2-7b"], "no GPU detected"),
     (["estimate", "llama-2-7b", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["estimate", "llama-2-7b", "--seq-len", "-5"], "--seq-len must be a positive integer"),
     (["estimate", "llama-2-7b", "--lora-rank", "8192"], "larger than"),

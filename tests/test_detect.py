@@ -129,11 +129,8 @@ def test_as_gpu_spec_of_an_unknown_gpu_keeps_the_memory():
     ("NVIDIA H100 80GB HBM3", "H100-SXM"),
     ("NVIDIA RTX A6000", "RTX-A6000"),
     ("Tesla T4", "T4"),
-    pytest.param("NVIDIA L40S", "L40S", marks=pytest.mark.xfail(
-        strict=True, reason="gpus.DetectedGPU.as_gpu_spec matches catalog keys as substrings in catalog order: "
-                            "'l4' is found inside 'l40s' first (reported to the core owner)")),
-    pytest.param("NVIDIA A100-SXM4-80GB", "A100-80GB", marks=pytest.mark.xfail(
-        strict=True, reason="substring match: 'a10' is found inside 'a100sxm480gb' first (reported)")),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
 ])
 def test_as_gpu_spec_finds_the_catalog_entry(nvml_name, catalog):
     d = DetectedGPU(0, nvml_name, 10 * GiB, 9 * GiB, GiB, "550")
