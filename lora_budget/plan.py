@@ -25,10 +25,14 @@ from .gpus import GPUSpec, get_gpu, list_gpus
 from .models import ModelSpec
 from .sharding import GPUS_PER_NODE, ShardedEstimate, Sharding, offload_traffic, shard
 from .solver import largest_fitting
-from .units import ceil_div, format_gib
+from .units import GiB, ceil_div, format_gib
 
 #: Version of the JSON shape of ``Plan.as_dict``.
 PLAN_SCHEMA = 1
+#: Host RAM one GPU's offloaded states may take: cloud instances give roughly 100-250 GB of RAM per GPU (an
+#: assumption on the low side; ``--cpu-memory-per-gpu`` changes it).  DeepSpeed's own estimator also adds 50 %
+#: for pinned buffers, which we do not.
+CPU_MEMORY_PER_GPU = 128 * GiB
 #: Sequences per optimizer step when the user gives none: the QLoRA paper's Guanaco recipe (micro-batch 1 x 16
 #: accumulation steps, artidoro/qlora finetune_guanaco_65b.sh).
 DEFAULT_GLOBAL_BATCH = 16
@@ -259,7 +263,7 @@ def plan(spec: ModelSpec, tokens, *, epochs: float = 1.0, methods: tuple[str, ..
          global_batch: int | None = None, sort: str = "cost", mfu: float | None = None,
          price_usd_per_hour: float | None = None, scaling_efficiency: float = DEFAULT_SCALING_EFFICIENCY,
          strategies: tuple[str, ...] | None = None, offload: bool = True,
-         gpus_per_node: int = GPUS_PER_NODE) -> Plan:
+         gpus_per_node: int = GPUS_PER_NODE, cpu_memory_per_gpu: int | None = CPU_MEMORY_PER_GPU) -> Plan:
     """Plan fine-tuning ``spec`` on ``tokens`` x ``epochs`` over GPU types x counts x methods.
 
     Args:
@@ -273,6 +277,7 @@ def plan(spec: ModelSpec, tokens, *, epochs: float = 1.0, methods: tuple[str, ..
         sort: "cost" or "time".  mfu: one MFU for every method (default: ``cost.DEFAULT_MFU``).
         price_usd_per_hour: override the price (only with a single GPU type).
         strategies: restrict the data-parallel strategies; offload: allow CPU offload.
+        cpu_memory_per_gpu: host RAM one GPU's offloaded states may take (bytes; None: no limit).
 
     Raises:
         ConfigError: bad tokens, sort, counts, price with several GPUs, or a bad option.
@@ -311,7 +316,8 @@ def plan(spec: ModelSpec, tokens, *, epochs: float = 1.0, methods: tuple[str, ..
                 layouts_n = layouts(n, method=method, offload=offload, strategies=strategies,
                                     gpus_per_node=gpus_per_node)
                 rows.append(_best_row(spec, gpu, n, method, bases[method], fixed, layouts_n, memo, tokens, epochs,
-                                      global_batch, sort, mfu, price_usd_per_hour, scaling_efficiency))
+                                      global_batch, sort, mfu, price_usd_per_hour, scaling_efficiency,
+                                      cpu_memory_per_gpu))
 
     def key(r: PlanRow):
         if r.feasible and r.cost is not None:
@@ -327,7 +333,10 @@ def plan(spec: ModelSpec, tokens, *, epochs: float = 1.0, methods: tuple[str, ..
         f"global batch {global_batch} sequences per optimizer step",
         "MFU " + ", ".join(f"{m} {v:.2f}" for m, v in mfus.items())
         + (" (defaults: assumptions, see lora_budget.cost.DEFAULT_MFU)" if mfu is None else " (given)"),
-        f"data-parallel scaling {scaling_efficiency:g} per doubling of the GPU count",
+        f"data-parallel scaling {scaling_efficiency:g} per doubling of the GPU count (NVLink-class links; "
+        "PCIe-only cards such as the RTX series scale worse)",
+        "CPU offload: at most " + (format_gib(cpu_memory_per_gpu) if cpu_memory_per_gpu is not None else "unlimited")
+        + " of host RAM per GPU for offloaded states",
         "prices: catalog on-demand prices per GPU-hour (see `lora-budget gpus`), override with --price"
         if price_usd_per_hour is None else f"price ${price_usd_per_hour:g} per GPU-hour (given)",
         "memory: lora_budget's analytical model (device total incl. CUDA context per GPU); fits = below the "
@@ -338,7 +347,7 @@ def plan(spec: ModelSpec, tokens, *, epochs: float = 1.0, methods: tuple[str, ..
 
 
 def _best_row(spec, gpu, n, method, base, fixed, layouts_n, memo: _Memo, tokens, epochs, global_batch, sort, mfu,
-              price, scaling) -> PlanRow:
+              price, scaling, cpu_limit) -> PlanRow:
     if _no_bf16(gpu, base):
         return PlanRow(gpu, n, method, False, f"{gpu.name} has no bf16 support: plan it with --dtype float16")
     cap_acc = base.gradient_accumulation_steps if "gradient_accumulation_steps" in fixed else 1
@@ -350,6 +359,7 @@ def _best_row(spec, gpu, n, method, base, fixed, layouts_n, memo: _Memo, tokens,
     timed = bool(gpu.bf16_tflops) and (method != "qlora" or bool(gpu.bandwidth_gbps))
     best = None  # (metric, rank, row)
     leanest = None  # (device_total, label) at the smallest micro-batch
+    host_short = None  # (CPU bytes per GPU, layout) of an offload setup that fits the GPU but not the host RAM
     rank = 0
     for layout in layouts_n:
         key = ("candidates", method, layout.deepspeed)
@@ -386,6 +396,9 @@ def _best_row(spec, gpu, n, method, base, fixed, layouts_n, memo: _Memo, tokens,
                            f"{'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optim}, micro-batch {b1}")
             if m1.device_total_bytes > gpu.memory_bytes:
                 continue
+            if cpu_limit is not None and m1.cpu_bytes_per_gpu > cpu_limit:
+                host_short = (m1.cpu_bytes_per_gpu, layout.label)
+                continue
             if "batch_size" in fixed:
                 b = b1
                 acc = accumulation(b)
@@ -409,6 +422,11 @@ def _best_row(spec, gpu, n, method, base, fixed, layouts_n, memo: _Memo, tokens,
         return best[2]
     if leanest is None:
         return PlanRow(gpu, n, method, False, "no valid setup for the given options")
+    if host_short is not None:
+        return PlanRow(gpu, n, method, False,
+                       f"fits the GPU only with CPU offload ({host_short[1]}), which needs "
+                       f"{format_gib(host_short[0])} of host RAM per GPU, more than the "
+                       f"{format_gib(cpu_limit)} allowed (--cpu-memory-per-gpu)")
     return PlanRow(gpu, n, method, False,
                    f"does not fit: the leanest setup ({leanest[1]}) needs {format_gib(leanest[0])} per GPU, "
                    f"the GPU has {format_gib(gpu.memory_bytes)}")

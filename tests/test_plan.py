@@ -127,6 +127,16 @@ def test_errors(call, exc, needle):
         call()
 
 
+def test_offload_needs_host_ram():
+    args = dict(methods=("full",), gpus=resolve_gpus("a100-80gb"), counts=(1,))
+    p = plan(get_model("llama-65b"), "1M", **args)
+    assert not p.rows[0].feasible and "host RAM" in p.rows[0].reason
+    q = plan(get_model("llama-65b"), "1M", cpu_memory_per_gpu=None, **args)
+    row = q.rows[0]
+    assert row.feasible and row.sharding.offload != "none"
+    assert row.memory.cpu_bytes_per_gpu > 128 * 2**30 and row.cost.offload_s_per_step > 0
+
+
 def test_best_raises_when_nothing_fits():
     p = plan(get_model("llama-3.1-70b"), "1M", methods=("full",), gpus=resolve_gpus("rtx-3060-12gb"), counts=(1,),
              offload=False)

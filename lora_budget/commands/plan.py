@@ -35,7 +35,7 @@ def render_plan(p, top: int | None = None, feasible_only: bool = False) -> str:
     lines = [f"Plan for {p.model.name} ({format_params(count_params(p.model).total)} parameters): "
              f"{format_tokens(p.tokens)} tokens x {p.epochs:g} epoch(s), sequences of {p.seq_len}, "
              f"global batch {p.global_batch}, ranked by {p.sort}", ""]
-    head = (f"{'#':>3}  {'GPU':<14} {'n':>2}  {'method':<6} {'layout':<26} {'batch':>8}  {'ckpt':<4} {'optim':<18}"
+    head = (f"{'#':>3}  {'GPU':<14} {'n':>2}  {'method':<6} {'layout':<30} {'batch':>8}  {'ckpt':<4} {'optim':<18}"
             f" {'per-GPU peak':>13} {'time':>10} {'cost':>12}")
     lines.append(head)
     feasible = [r for r in p.rows if r.feasible]
@@ -48,11 +48,13 @@ def render_plan(p, top: int | None = None, feasible_only: bool = False) -> str:
             notes.setdefault(r.gpu.name, r.gpu.notes)
             mark = "*"
         t = "-" if r.cost is None else format_duration(r.cost.time_s)
-        lines.append(f"{i:>3}  {r.gpu.name + mark:<14} {r.n_gpus:>2}  {r.method:<6} {r.sharding.label:<26} "
+        lines.append(f"{i:>3}  {r.gpu.name + mark:<14} {r.n_gpus:>2}  {r.method:<6} {r.sharding.label:<30} "
                      f"{f'{c.batch_size}x{c.gradient_accumulation_steps}':>8}  "
                      f"{'on' if c.gradient_checkpointing else 'off':<4} {c.optim:<18} "
                      f"{format_gib(r.memory.device_total_bytes):>13} {t:>10} {_money(r.cost_usd):>12}"
-                     + (f"  ({r.reason})" if r.reason else ""))
+                     + (f"  ({r.reason})" if r.reason else "")
+                     + (f"  CPU RAM {format_gib(r.memory.cpu_bytes_per_node)} per node" if r.memory.cpu_bytes_per_node
+                        else ""))
     if not feasible:
         lines.append("    (no setup fits: try more GPUs with --max-gpus, a shorter --seq-len or another --method)")
     if top and len(feasible) > top:
@@ -87,7 +89,7 @@ def render_comparison(cmp) -> str:
             lines.append(f"  {m:<6} no setup fits the GPUs and counts planned")
             continue
         c = r.config
-        lines.append(f"  {m:<6} {r.n_gpus} x {r.gpu.name:<12} {r.sharding.label:<24} batch {c.batch_size}x"
+        lines.append(f"  {m:<6} {r.n_gpus} x {r.gpu.name:<12} {r.sharding.label:<30} batch {c.batch_size}x"
                      f"{c.gradient_accumulation_steps}, ckpt {'on' if c.gradient_checkpointing else 'off'}, "
                      f"{c.optim}: {format_gib(r.memory.device_total_bytes)} per GPU, "
                      f"{format_duration(r.cost.time_s)}, {r.cost.gpu_hours:,.1f} GPU-h, {_money(r.cost_usd)}; "
@@ -188,6 +190,8 @@ def register(cli):
                   help="Restrict the multi-GPU layouts (repeatable) [planner's choice].")
     @click.option("--offload/--no-offload", default=True, show_default=True, help="Allow CPU offload layouts.")
     @click.option("--gpus-per-node", type=int, default=GPUS_PER_NODE, show_default=True)
+    @click.option("--cpu-memory-per-gpu", default="128GiB", show_default=True,
+                  help="Host RAM per GPU that offloaded states may take (a size such as 256GiB, or 'unlimited').")
     @click.option("--top", type=int, default=None, help="Show only the N best feasible rows.")
     @click.option("--feasible-only", is_flag=True, help="Hide the rows that do not fit.")
     @click.option("--compare-methods", is_flag=True,
@@ -195,9 +199,13 @@ def register(cli):
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     @handle_errors
     def plan_cmd(model, tokens, epochs, gpu_names, max_gpus, all_counts, global_batch, sort, mfu, price,
-                 scaling_efficiency, strategies, offload, gpus_per_node, top, feasible_only, compare_methods,
-                 as_json, **kwargs):
+                 scaling_efficiency, strategies, offload, gpus_per_node, cpu_memory_per_gpu, top, feasible_only,
+                 compare_methods, as_json, **kwargs):
         """Which GPU, how many, how long and how much: the best setup for every GPU type and count.
+
+        Without --method, full fine-tuning, LoRA and QLoRA are all planned (the "[default: lora]" below is the
+        other commands' default).  Training options you give stay fixed; the planner chooses the rest: micro-batch,
+        accumulation, checkpointing, optimizer and multi-GPU layout.
 
         \b
         Example:
@@ -207,6 +215,7 @@ def register(cli):
         from ..cost import DEFAULT_SCALING_EFFICIENCY
         from ..plan import compare_methods as run_compare
         from ..plan import gpu_counts, plan, resolve_gpus
+        from ..units import parse_size
 
         spec = resolve_model(model)
         given = _method_given()
@@ -219,7 +228,9 @@ def register(cli):
                     options=options, global_batch=global_batch, sort=sort, mfu=mfu, price_usd_per_hour=price,
                     scaling_efficiency=DEFAULT_SCALING_EFFICIENCY if scaling_efficiency is None
                     else scaling_efficiency,
-                    strategies=tuple(strategies) or None, offload=offload, gpus_per_node=gpus_per_node)
+                    strategies=tuple(strategies) or None, offload=offload, gpus_per_node=gpus_per_node,
+                    cpu_memory_per_gpu=None if cpu_memory_per_gpu.strip().lower() == "unlimited"
+                    else parse_size(cpu_memory_per_gpu))
         if compare_methods:
             cmp = run_compare(spec, tokens, **args)
             if as_json:
