@@ -38,8 +38,9 @@ from .models import ModelSpec
 #: which is charged separately at the memory bandwidth: fp32 residual stream and norms after
 #: prepare_model_for_kbit_training and the autocast casts add elementwise work.  Rough check: Llama-2-7B LoRA vs
 #: QLoRA (nf4) on one A100 at micro-batch 1 took 6,686 s vs 10,060 s (RASCHKA-01/02 in published-measurements.csv,
-#: a secondary transcription), a 1.50x ratio; this model gives about that ratio for Alpaca-length sequences of a
-#: few hundred tokens.  Under gradient checkpointing the recompute is counted as executed work (PaLM's "hardware
+#: a secondary transcription), a 1.50x ratio; this model gives 1.71x / 1.53x / 1.38x at 200 / 300 / 500 tokens
+#: per micro-batch on an A100-40GB (r=8 on q,v, nf4 without double quantisation, no checkpointing).  Alpaca's
+#: mean length was not checked here, so this is a consistency check, not a calibration.  Under gradient checkpointing the recompute is counted as executed work (PaLM's "hardware
 #: FLOPs"), so the MFU reported back (model FLOPs / time / peak) is lower than the input.
 DEFAULT_MFU = {"full": 0.40, "lora": 0.35, "qlora": 0.30}
 #: Data-parallel scaling efficiency per doubling of the GPU count (an assumption for one NVLink node: 8 GPUs run

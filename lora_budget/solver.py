@@ -139,14 +139,14 @@ def accumulation_steps(global_batch: int, micro_batch: int, n_gpus: int = 1) -> 
 
 
 def micro_batch_for(global_batch: int, max_fit: int, n_gpus: int = 1) -> tuple[int, int]:
-    """(micro-batch, accumulation) for a global batch: the fewest accumulation steps whose micro-batch fits.
-
-    The micro-batch is the smallest one that needs that many steps, so the global batch overshoots as little as
-    possible (16 sequences on 1 GPU with room for 5 per micro-batch: 4 x 4, not 5 x 4 = 20).
+    """(micro-batch, accumulation) that keep a global batch: the largest micro-batch up to ``max_fit`` that
+    divides the per-GPU share ``ceil(global_batch / n_gpus)``, so that micro-batch x accumulation x GPUs is the
+    global batch exactly (16 sequences on 1 GPU with room for 5: 4 x 4; with room for 3: 2 x 8).  The share
+    rounds up when the GPU count does not divide the global batch.
     """
     per_gpu = ceil_div(global_batch, n_gpus)
-    acc = ceil_div(per_gpu, max(1, min(max_fit, per_gpu)))
-    return ceil_div(per_gpu, acc), acc
+    micro = max(b for b in range(1, min(max_fit, per_gpu) + 1) if per_gpu % b == 0)
+    return micro, per_gpu // micro
 
 
 __all__ = ["Solution", "largest_fitting", "max_batch_size", "max_seq_len", "accumulation_steps", "micro_batch_for",

@@ -94,17 +94,18 @@ def test_solver_on_a_sharded_rank():
 
 
 @pytest.mark.parametrize("global_batch,max_fit,n,expected", [
-    (16, 5, 1, (4, 4)),     # 4 steps of 4, not 5 x 4 = 20
+    (16, 5, 1, (4, 4)),     # 4 x 4 = 16, not 5 x 4 = 20
     (16, 16, 1, (16, 1)),
     (16, 100, 1, (16, 1)),  # never more than the global batch
-    (16, 3, 2, (3, 3)),     # 8 per GPU: 3 steps of 3 (9 per GPU)
+    (16, 3, 2, (2, 4)),     # 8 per GPU: 2 x 4 (3 x 3 would make 9)
     (16, 1, 8, (1, 2)),
-    (10, 4, 4, (3, 1)),     # 3 per GPU (ceil 10/4), one step
+    (10, 4, 4, (3, 1)),     # 3 per GPU (ceil 10/4): the one case that overshoots
+    (32, 3, 1, (2, 16)),
 ])
 def test_micro_batch_for(global_batch, max_fit, n, expected):
     assert micro_batch_for(global_batch, max_fit, n) == expected
     micro, acc = expected
-    assert micro * acc * n >= global_batch and micro <= max_fit
+    assert micro * acc == -(-global_batch // n) and micro <= max_fit
 
 
 def test_accumulation_steps():
