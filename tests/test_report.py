@@ -169,6 +169,16 @@ def test_records_are_compared_per_counter(tmp_path):
         (rep.folder / "index.md").read_text()
 
 
+def test_nvml_fallback_without_process_value(tmp_path):
+    # containers hide the process from NVML: device-wide peak minus the device's use before CUDA init
+    est = _record(tmp_path / "r.json", peak_allocated_bytes=4 * 10**9, nvml_device_used_peak_bytes=9 * 10**9,
+                  nvml_used_before_init_bytes=2 * 10**9)
+    rep = build_report(tmp_path / "out", records=[tmp_path / "r.json"], published=False)
+    nvml = [c for c in _csv(rep.folder / "comparison.csv") if c["counter"] == "nvml"]
+    assert [int(c["measured_bytes"]) for c in nvml] == [7 * 10**9]
+    assert [int(c["predicted_bytes"]) for c in nvml] == [est.device_total_bytes]
+
+
 def test_nothing_to_compare(tmp_path):
     with pytest.raises(ConfigError, match="nothing to compare"):
         build_report(tmp_path / "x", published=False)

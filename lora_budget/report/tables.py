@@ -23,14 +23,30 @@ from ..units import GB, GiB
 
 #: Decimals of relative errors in CSV files (0.0001 = 0.01 %).
 REL_DECIMALS = 4
-#: Counters read from a measurement record (``measured`` keys, first present wins) and compared like published
-#: rows.  NVML: the process's own peak is what ``device_total_bytes`` predicts; the device-wide peak includes
-#: other processes and is used only when the process value is missing.
+#: Counters read from a measurement record (``measured`` keys, measurements/README.md) and compared like
+#: published rows.  NVML: the process's own peak is what ``device_total_bytes`` predicts; where NVML cannot see
+#: the process (containers) the device-wide peak minus the device's use before CUDA was initialised stands in.
 RECORD_COUNTERS = {
-    "allocated": ("peak_allocated_bytes",),
-    "reserved": ("peak_reserved_bytes",),
-    "nvml": ("nvml_process_used_peak_bytes", "nvml_device_used_peak_bytes"),
+    "allocated": "peak_allocated_bytes",
+    "reserved": "peak_reserved_bytes",
+    "nvml": "nvml_process_used_peak_bytes",
 }
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def record_reading(measured: dict, counter: str) -> int | None:
+    """The peak a record's ``measured`` holds for ``counter`` (None when it has none)."""
+    v = measured.get(RECORD_COUNTERS[counter])
+    if _count(v):
+        return v
+    if counter == "nvml":
+        dev, before = measured.get("nvml_device_used_peak_bytes"), measured.get("nvml_used_before_init_bytes")
+        if _count(dev) and isinstance(before, int) and not isinstance(before, bool) and dev > before:
+            return dev - before
+    return None
 
 
 @dataclass(frozen=True)
@@ -194,9 +210,8 @@ def compare_records(paths) -> tuple[list[Comparison], list[NotCompared]]:
             continue
         measured = d.get("measured") if isinstance(d.get("measured"), dict) else {}
         found = False
-        for counter, keys in RECORD_COUNTERS.items():
-            value = next((measured[k] for k in keys if isinstance(measured.get(k), int)
-                          and not isinstance(measured.get(k), bool) and measured[k] > 0), None)
+        for counter in RECORD_COUNTERS:
+            value = record_reading(measured, counter)
             if value is None:
                 continue
             found = True
