@@ -183,6 +183,7 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     shared: set = set()
     widths = {"norm1": res if not p.quantized else 4, "norm2": res if not p.quantized else 4,
               "attn_out": act, "act": 4 if p.quantized else p.compute}
+    widths["ln_1"], widths["ln_2"] = widths["norm1"], widths["norm2"]  # GPT-2 names of the same inputs
     for m in adapted:
         if m.input == "norm1" and not input_requires_grad:
             # frozen embedding output: no dropout mask is needed, the dropout output is still saved by lora_A
