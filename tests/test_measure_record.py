@@ -322,3 +322,12 @@ def test_measure_package_and_commands_are_light():
                  ["lora-budget", "sweep", str(ROOT / "sweeps" / "gpu_check.json"), "--out", "/nonexistent/x",
                   "--list"]):
         assert _heavy(runner.format(argv=argv)) == "", argv
+
+
+def test_busy_gpu_is_waited_for_then_refused():
+    from lora_budget.measure.probes import wait_gpu_idle
+
+    freed = FakeNvml([5 * GiB, 5 * GiB, 0])            # the previous worker's memory goes away after 1 s
+    assert wait_gpu_idle((freed, "h"), wait_s=5)["nvml_used_before_init_bytes"] == 0
+    with pytest.raises(GpuBusyError):
+        wait_gpu_idle((FakeNvml(5 * GiB), "h"), wait_s=0.6)

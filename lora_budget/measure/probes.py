@@ -29,6 +29,8 @@ TIMELINE_POINTS = 600
 #: method_comparison refuses at 500 MiB of allocator memory; the driver itself holds a few hundred MiB on some
 #: GPUs (H100: ~0.5 GiB "used" when idle with NVML's v1 memory info), hence 1 GiB.
 BUSY_USED_BYTES = 1 * GiB
+#: How long a busy GPU is waited for before refusing (a just-finished worker's memory is freed within seconds).
+BUSY_WAIT_S = 15.0
 
 
 class GpuBusyError(LoraBudgetError):
@@ -258,8 +260,21 @@ def cuda_preflight(allow_busy: bool = False) -> dict:
                                                         "the harness ran"}, "before": None}
     busy = {"checked": not allow_busy}
     if not allow_busy:
-        busy.update(check_gpu_idle(nv))
+        busy.update(wait_gpu_idle(nv))
     return {"nv": nv, "first": True, "busy_check": busy, "before": nvml_used(nv)}
+
+
+def wait_gpu_idle(nv, wait_s: float = BUSY_WAIT_S, threshold: int = BUSY_USED_BYTES) -> dict:
+    """``check_gpu_idle``, retried for up to ``wait_s`` seconds: the driver may still be tearing down the process
+    of the previous configuration (an isolated sweep starts the next one right after)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check_gpu_idle(nv, threshold)
+        except GpuBusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def init_cuda(nv, before: int | None) -> dict:
