@@ -37,10 +37,11 @@ from lora_budget.models import get_model  # noqa: E402
 PEAK_TOLERANCE = 0.01
 COMPONENT_TOLERANCE = 0.02
 EXACT_COMPONENTS = ("weights", "gradients", "optimizer_state", "offloaded")
-#: Worst |peak error| measured per method on this grid (rounded up to the next 0.5 %).
-WORST_PEAK_ERROR = {"full": 0.095, "lora": 0.23, "qlora": 0.06}
-#: Share of configurations within PEAK_TOLERANCE, measured per method (rounded down).
-MIN_SHARE_WITHIN = {"full": 0.69, "lora": 0.88, "qlora": 0.33}
+#: Worst |peak error| measured per method on this grid (9.4 %, 22.8 %, 6.0 %), plus 1 point of slack.
+WORST_PEAK_ERROR = {"full": 0.105, "lora": 0.24, "qlora": 0.07}
+#: Share of configurations within PEAK_TOLERANCE measured per method (43/62, 85/96, 16/48), less two
+#: configurations of slack.
+MIN_SHARE_WITHIN = {"full": 0.66, "lora": 0.86, "qlora": 0.29}
 
 GRID = list(grid())
 
