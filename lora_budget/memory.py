@@ -10,6 +10,7 @@ added to the device totals.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .activations import layer_activations, precision
@@ -61,10 +62,14 @@ class Tensor:
         return _blk(self.numel * self.itemsize)
 
 
-def base_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
+def base_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[Tensor, ...]:
     """Every dense (not 4-bit) base parameter tensor, in its dtype after loading / kbit preparation."""
     p = precision(cfg)
-    w = p.param
+    return _base_tensors(spec, p.param, p.quantized)
+
+
+@functools.lru_cache(maxsize=256)
+def _base_tensors(spec: ModelSpec, w: int, quantized: bool) -> tuple[Tensor, ...]:
     h, V, L = spec.hidden_size, spec.vocab_size, spec.num_hidden_layers
     out = [Tensor(V * h, w, embedding=True)]
     if spec.model_type == "gpt2":
@@ -75,7 +80,7 @@ def base_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
     norm_tensors = [h, h] if spec.model_type == "gpt2" else [h]
     for _ in range(L):
         for m in layer_linears(spec):
-            if not p.quantized:
+            if not quantized:
                 out.append(Tensor(m.in_features * m.out_features, w))
             if m.bias:
                 out.append(Tensor(m.out_features, w))
@@ -85,7 +90,7 @@ def base_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
             E, i = spec.num_local_experts, spec.intermediate_size
             out += [Tensor(E * 2 * i * h, w), Tensor(E * h * i, w), Tensor(E * h, w)]
     out.extend(Tensor(n, w) for n in norm_tensors)
-    return out
+    return tuple(out)
 
 
 def quantized_weight_bytes(numel: int, double_quant: bool) -> int:
@@ -103,16 +108,20 @@ def quantized_weight_bytes(numel: int, double_quant: bool) -> int:
     return b
 
 
-def lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> list[Tensor]:
+def lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[Tensor, ...]:
     """lora_A [r, in] and lora_B [out, r] of every adapted module, in the adapter dtype."""
     if not cfg.is_lora:
-        return []
+        return ()
+    return _lora_tensors(spec, cfg.with_(batch_size=1, seq_len=1, gradient_accumulation_steps=1))
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_tensors(spec: ModelSpec, cfg: FinetuneConfig) -> tuple[Tensor, ...]:
     a = precision(cfg).adapter
-    out = []
-    for _ in range(spec.num_hidden_layers):
-        for ad in layer_adapters(spec, cfg):
-            out += [Tensor(ad.a_numel, a), Tensor(ad.b_numel, a)]
-    return out
+    per_layer = []
+    for ad in layer_adapters(spec, cfg):
+        per_layer += [Tensor(ad.a_numel, a), Tensor(ad.b_numel, a)]
+    return tuple(per_layer) * spec.num_hidden_layers
 
 
 def layer_grad_bytes(spec: ModelSpec, cfg: FinetuneConfig) -> int:
