@@ -19,14 +19,20 @@ _NEEDED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 
 
 def require_dependencies() -> None:
-    """Raise MissingDependencyError unless torch, transformers, peft, accelerate and bitsandbytes import."""
-    import importlib
+    """Raise MissingDependencyError unless torch, transformers, peft, accelerate and bitsandbytes are installed.
+
+    Looks the packages up without importing them (``importlib.util.find_spec``; a module set to None in
+    ``sys.modules`` counts as missing).
+    """
+    import importlib.util
 
     missing = []
     for name in _NEEDED:
         try:
-            importlib.import_module(name)
-        except ImportError:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             missing.append(name)
     if missing:
         raise MissingDependencyError(

@@ -131,11 +131,12 @@ def trace(model, optimizer, cfg, *, vocab_size: int, steps: int = 2, mode=None, 
     marks: dict[str, int] = {}
     mode = mode if mode is not None else contextlib.nullcontext()
 
+    def note_batch(b):
+        for t in b.values():
+            batch_serials.add(tr.serial_of(t))
+
     def batches():
-        for b in make_batches(cfg, vocab_size, cfg.gradient_accumulation_steps, device=device):
-            for t in b.values():
-                batch_serials.add(tr.serial_of(t))
-            yield b
+        return make_batches(cfg, vocab_size, cfg.gradient_accumulation_steps, device=device, on_batch=note_batch)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

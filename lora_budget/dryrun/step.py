@@ -151,26 +151,36 @@ def autocast_dtype(cfg):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
 
 
-def make_batches(cfg, vocab_size: int, n: int, device="cpu"):
-    """``n`` micro-batches, made lazily (like the Trainer moving one micro-batch to the device at a time).
-
-    input_ids random in [0, vocab); labels = a copy (the LM collators clone them); with ``cfg.padding`` an int64
-    attention_mask whose first row is padded on the right by a quarter of the sequence (labels -100 there);
-    without padding no attention_mask is passed (an all-ones mask is dropped by HF on real tensors but not on fake
-    ones).
-    """
+def make_batch(cfg, vocab_size: int, device="cpu") -> dict:
+    """One micro-batch: input_ids random in [0, vocab); labels = a copy (the LM collators clone them); with
+    ``cfg.padding`` an int64 attention_mask whose first row is padded on the right by a quarter of the sequence
+    (labels -100 there).  Without padding no attention_mask is passed (HF drops an all-ones mask on real tensors but
+    cannot see that it is all ones on fake ones)."""
     b, s = cfg.batch_size, cfg.seq_len
+    ids = torch.randint(0, vocab_size, (b, s), device=device)
+    labels = ids.clone()
+    batch = {"input_ids": ids, "labels": labels}
+    if cfg.padding:
+        mask = torch.ones((b, s), dtype=torch.long, device=device)
+        pad = max(1, s // 4)
+        mask[0, s - pad:] = 0
+        labels[0, s - pad:] = -100
+        batch["attention_mask"] = mask
+    return batch
+
+
+def make_batches(cfg, vocab_size: int, n: int, device="cpu", on_batch=None):
+    """``n`` micro-batches made lazily, one at a time, like the Trainer moving each micro-batch to the device in
+    ``training_step`` and dropping it (``del inputs``) before backward.  The generator keeps no reference to a batch
+    it has handed out.  ``on_batch(batch)`` is called on each (e.g. to note its storages)."""
     for _ in range(n):
-        ids = torch.randint(0, vocab_size, (b, s), device=device)
-        labels = ids.clone()
-        batch = {"input_ids": ids, "labels": labels}
-        if cfg.padding:
-            mask = torch.ones((b, s), dtype=torch.long, device=device)
-            pad = max(1, s // 4)
-            mask[0, s - pad:] = 0
-            labels[0, s - pad:] = -100
-            batch["attention_mask"] = mask
-        yield batch
+        yield _noted(make_batch(cfg, vocab_size, device), on_batch)
+
+
+def _noted(batch, on_batch):
+    if on_batch is not None:
+        on_batch(batch)
+    return batch
 
 
 def _to_fp32(out):
