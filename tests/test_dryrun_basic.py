@@ -149,3 +149,12 @@ def test_paged_optimizer_state_is_offloaded():
     assert paged.offloaded_bytes == 2 * 2 * 1024 * 128 * 4          # embed_tokens + lm_head, state1 + state2 fp32
     small = [p.numel() for p in build_model(spec, cfg, device="meta").parameters() if p.numel() < 1e5]
     assert paged.optimizer_state_bytes == sum(2 * _round(4 * n) for n in small)   # fp32 states on the device
+
+
+def test_steps_must_cover_the_steady_state():
+    _needs_torch()
+    from lora_budget.dryrun import dry_run
+    from lora_budget.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        dry_run(TINY, make_config("lora", seq_len=16), steps=1)

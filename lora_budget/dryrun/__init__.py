@@ -45,7 +45,11 @@ def dry_run(model, cfg, *, steps: int = 2, progress=None) -> DryRunResult:
     ``progress`` is an optional ``callable(str)`` that receives short status messages.  Raises
     MissingDependencyError when the ``dryrun`` extra is not installed.
     """
+    import os
+
     require_dependencies()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is ever downloaded
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from .run import dry_run as _dry_run
 
     return _dry_run(model, cfg, steps=steps, progress=progress)

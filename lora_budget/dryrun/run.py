@@ -7,16 +7,47 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 import warnings
 
 import torch
 
-from .build import build_model, count_params
-from .emulate import NOT_EMULATED, CudaEmulation
-from .result import CATEGORIES, PHASES, DryRunResult
-from .step import autocast_dtype, make_batches, make_optimizer, train_step
-from .tracker import StorageTracker
+from ..errors import ConfigError
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence library chatter during a trace (bnb's "kernels" notice, transformers' use_cache warning, ...)."""
+    names = ("bitsandbytes", "transformers", "peft", "accelerate")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        import transformers.utils.logging as tlog
+
+        tv = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        tlog = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if tlog is not None:
+            tlog.set_verbosity(tv)
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)
+
+with quiet_libraries():
+    import bitsandbytes  # noqa: F401  (imported here, quietly, before peft imports it)
+
+from .build import build_model, count_params  # noqa: E402
+from .emulate import NOT_EMULATED, CudaEmulation  # noqa: E402
+from .result import CATEGORIES, PHASES, DryRunResult  # noqa: E402
+from .step import autocast_dtype, make_batches, make_optimizer, train_step  # noqa: E402
+from .tracker import StorageTracker  # noqa: E402
 
 
 def versions() -> dict[str, str]:
@@ -138,8 +169,7 @@ def trace(model, optimizer, cfg, *, vocab_size: int, steps: int = 2, mode=None, 
     def batches():
         return make_batches(cfg, vocab_size, cfg.gradient_accumulation_steps, device=device, on_batch=note_batch)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_libraries():
         with mode, emu, tr:
             for step in range(steps):
                 prefix = "first_step" if step == 0 else "steady_state"
@@ -218,6 +248,9 @@ def trace(model, optimizer, cfg, *, vocab_size: int, steps: int = 2, mode=None, 
         lines.append(optimizer.lb_emulation)
     if host:
         lines.append("AdamW (non-fused) 'step' counters are host tensors on CUDA: left out of the device counts")
+    if cfg.mixed_precision == "fp16":
+        lines.append("not emulated: the fp16 GradScaler (scale / growth-tracker / found-inf scalars and the scaled "
+                     "loss: a few 512 B blocks)")
     if cfg.mixed_precision != "no":
         lines.append("accelerate ConvertOutputsToFp32: fp16/bf16 outputs (logits) copied to fp32 after the "
                      "autocast forward, dropped with the outputs before backward")
@@ -232,11 +265,12 @@ def dry_run(spec, cfg, *, steps: int = 2, progress=None, cuda_emulation: bool = 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     say = progress or (lambda msg: None)
-    if steps < 2:
-        raise ValueError("steps must be >= 2 (first step + steady state)")
+    if not isinstance(steps, int) or steps < 2:
+        raise ConfigError(f"a dry run needs steps >= 2 (first step + steady state), got {steps!r}")
     t0 = time.perf_counter()
     say("building the model on the meta device")
-    model = build_model(spec, cfg, device="meta")
+    with quiet_libraries():
+        model = build_model(spec, cfg, device="meta")
     total, trainable = count_params(model)
     fm = FakeTensorMode()
     keep = fakeify(model, fm, "cpu")
