@@ -51,6 +51,11 @@ def precision(cfg: FinetuneConfig) -> Precision:
                      quantized=False)
 
 
+def _blk(n: int) -> int:
+    """Allocator bytes of an n-byte request (512-byte blocks)."""
+    return -(-n // 512) * 512 if n > 0 else 0
+
+
 def _eager(cfg: FinetuneConfig) -> bool:
     return cfg.attn_implementation == "eager"
 
@@ -135,6 +140,10 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
 
     n_norms = 4 if spec.model_type == "gemma2" else 2
     norms = norm(input_requires_grad) + norm(True) * (n_norms - 1)
+    gemma_norm = 0
+    if spec.model_type in ("gemma", "gemma2"):
+        # GemmaRMSNorm multiplies by (1 + weight.float()): that fp32 [h] tensor is saved by every norm call
+        gemma_norm = (n_norms - (0 if input_requires_grad or full else 1)) * _blk(4 * h)
 
     # ---- Linear inputs saved by trainable weights (full fine-tuning) ---------------------------------------------
     w_in = p.compute  # width of what a Linear sees (its own cast under autocast)
@@ -149,7 +158,9 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
             per_layer += 0  # weight casts of trainable fp32 leaves live in the autocast cache (memory.py)
         else:
             attention += w_in * h  # q/k/v share the norm output
-            mlp += w_in * h + w_in * i  # gate/up share the norm output; down saves the product
+            mlp += w_in * h  # gate/up (MoE: router and experts) share the norm output
+            if not spec.is_moe:
+                mlp += w_in * i  # down_proj saves the product
             attention += 0  # o_proj input is the SDPA output, counted with attention below
     # ---- attention core --------------------------------------------------------------------------------------
     act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
@@ -158,10 +169,14 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
         kv_width = hq  # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats)
     if _eager(cfg):
         # q, repeated k and v, o_proj input copy; fp32 softmax probabilities + their cast to the compute dtype
-        attention += act * hq + 2 * act * kv_width + act * hq
+        # q is saved by q @ k^T only for k's gradient: layer 0 of a LoRA model without a k adapter has none
+        k_needs_grad = input_requires_grad or any(m.name in ("k_proj", "qkv_proj") for m in adapted)
+        attention += (act * hq if k_needs_grad else 0) + 2 * act * kv_width + (act * hq if full else 0)
         per_seq = n_h * (4 + (act if act != 4 else 0))
     else:
         attention += act * hq + 2 * act * kv_width + act * hq + 4 * n_h  # q, k, v, out (= o_proj input), lse
+        if spec.model_type == "phi3" and full:
+            attention += act * hq  # Phi-3's o_proj saves a contiguous copy of the attention output
         per_seq = 0
         if cfg.padding:
             attention += act * cfg.seq_len  # the additive mask [b,1,s,s] converted per call and saved
@@ -172,9 +187,11 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     if spec.is_moe:
         E, k = spec.num_local_experts, spec.num_experts_per_tok
         if full:
-            mlp += k * (2 * act * h + 4 * act * i) + 4 * E + act * h + 100
+            # gathered input and down output (k x w.h), gate_up out (k x 2w.i), act and product (k x 2w.i);
+            # fp32 router softmax (4E), top-k indices / sort / routing weights (about 36k + 4 bytes)
+            mlp += k * (2 * act * h + 4 * act * i) + 4 * E + 36 * k + 13
         else:  # frozen experts and router save no inputs, only what the activation and routing products need
-            mlp += k * (act * h + 3 * act * i) + 4 * E + 100
+            mlp += k * (act * h + 3 * act * i) + 4 * E + 36 * k + 13
     else:
         mlp_width = 4 if p.quantized else p.compute
         mlp += 3 * mlp_width * i  # gate_proj out (SiLU input), SiLU out, up_proj out
@@ -197,4 +214,4 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
         # the frozen down_proj / o_proj save nothing; when an adapter reads the MLP product it is saved by lora_A
         pass
     return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
-                            per_layer=per_layer)
+                            per_layer=per_layer + gemma_norm)

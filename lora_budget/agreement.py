@@ -52,7 +52,9 @@ def estimate_components(est) -> dict:
         "gradients": c["gradients"],
         "optimizer_state": c["optimizer_state"],
         "offloaded": est.memory.offloaded,
-        "activations": c["activations"] + loss_saved,
+        # autocast weight casts are saved tensors at the end of forward, unless checkpointing recomputes them
+        "activations": c["activations"] + loss_saved
+        + (0 if est.config.gradient_checkpointing else c["autocast_cache"]),
     }
 
 

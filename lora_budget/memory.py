@@ -223,9 +223,12 @@ def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
     p = precision(cfg)
     h, V, T = spec.hidden_size, spec.vocab_size, cfg.tokens
     full = cfg.method == "full"
+    gemma = spec.model_type in ("gemma", "gemma2")
     b = T * (4 * h + 4)  # final norm: fp32 input + rsqrt
+    if gemma:
+        b += _blk(4 * h)  # (1 + weight.float()) saved by GemmaRMSNorm
     if full:
-        b += T * p.residual * h  # normalised x for the norm weight's grad
+        b += T * (4 if gemma else p.residual) * h  # normalised x for the norm weight's grad (Gemma: fp32)
         b += T * p.compute * h if (p.autocast and p.param != p.compute) else 0  # lm_head's own input cast
         if not (p.autocast and p.param != p.compute):
             b += T * p.residual * h  # lm_head saves its input (the final norm output)
@@ -354,11 +357,16 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     for step in ("first_step", "steady_state"):
         s = opt.device if step == "steady_state" else 0
         g_fwd = grads if k > 1 else 0  # grads of earlier micro-batches persist across accumulation
-        fwd = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
-                   logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache,
-                   dequant_transient=dequant)
+        # forward: at the loss (logits and their fp32 copies) or inside the last layer (a dequantised weight)
+        fwd_loss = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
+                        logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache)
+        fwd_layer = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
+                         autocast_cache=autocast_cache, dequant_transient=dequant)
+        fwd = max(fwd_loss, fwd_layer, key=lambda c: sum(c.values()))
+        # backward starts with the loss gradient; the autocast casts saved inside checkpointed layers are gone
         bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
-                         logits_loss=loss.saved + loss.backward_transient, autocast_cache=autocast_cache)
+                         logits_loss=loss.saved + loss.backward_transient,
+                         autocast_cache=0 if cfg.gradient_checkpointing else autocast_cache)
         # inside the layers' backward, going down from the top layer: the layer's saved tensors (recomputed under
         # checkpointing) while, for full fine-tuning, the weight gradients of the layers above accumulate.  Both
         # grow linearly in the layer index, so the largest is at the top or the bottom layer.
@@ -371,10 +379,15 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                 below = L - above
                 acts = (below * per_saved if cfg.gradient_checkpointing else
                         (below - 1) * per_layer + (layer0 if below == 1 else per_layer) - (0 if below > 1 else 0))
-                candidates.append(dict(static, optimizer_state=s, gradients=(grads if k > 1 else g_top + (above + 1) * g_layer),
+                candidates.append(dict(static, optimizer_state=s, gradients=(grads if k > 1 else g_top + above * g_layer),
                                        activations=acts + (top if above == 0 and not cfg.gradient_checkpointing else 0),
                                        recompute=recompute, dequant_transient=dequant,
                                        autocast_cache=autocast_cache if above == 0 else 0))
+            # the end of backward: every gradient exists and the embedding's arrives - through the embedding
+            # output's gradient [T, h]; with tied embeddings as a second V x h gradient added to lm_head's
+            tied_extra = 2 * _blk(spec.vocab_size * h * p.param) if spec.tie_word_embeddings else \
+                _blk(T * h * p.residual)
+            candidates.append(dict(static, optimizer_state=s, gradients=grads, recompute=tied_extra))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         else:
             bwd_layers = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
