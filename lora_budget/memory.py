@@ -41,6 +41,28 @@ MIN_8BIT_SIZE = 4096
 OPT8_BLOCK = 256
 
 
+def lora_forward_transient(spec: ModelSpec, cfg: FinetuneConfig) -> int:
+    """Largest short-lived tensor of a LoRA adapter's forward, bytes (memory-accounting.md 6.5).
+
+    peft casts the adapter input to fp32 (a copy when the input is bf16/fp16) and, with dropout under autocast,
+    the fp32 dropout output lives until lora_A has cast it to bf16; neither is saved for backward.
+    """
+    if not cfg.is_lora:
+        return 0
+    p = precision(cfg)
+    from .params import resolve_targets
+
+    worst = 0
+    for m in resolve_targets(spec, cfg.target_modules):
+        if p.quantized:
+            width = p.compute if m.input == "attn_out" else 4
+        else:
+            width = p.compute if m.input == "attn_out" else p.residual
+        per = (4 if width != 4 else 0) + (4 if cfg.lora_dropout > 0 and p.autocast else 0)
+        worst = max(worst, _blk(cfg.tokens * m.in_features * per))
+    return worst
+
+
 def _blk(n: int) -> int:
     """Bytes the allocator hands out for a request of n bytes (0 stays 0)."""
     return round_up(n, BLOCK) if n > 0 else 0
@@ -345,6 +367,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         "activations": saved_layers + top,
         "logits_loss": loss.saved + max(loss.forward_transient, loss.backward_transient),
         "recompute": recompute,
+        "backward_working_set": 0,
         "autocast_cache": autocast_cache,
         "dequant_transient": dequant,
         "cuda_workspace": workspace,
@@ -353,6 +376,9 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     static = {"weights": weights, "quantized_weights": quant, "lora_adapters": adapters, "buffers": buffers,
               "cuda_workspace": workspace}
     k = cfg.gradient_accumulation_steps
+    w_mlp = 4 if p.quantized else p.compute  # dtype of the MLP intermediates and their gradients
+    lora_fwd = lora_forward_transient(spec, cfg)
+    i_mlp = spec.intermediate_size * (spec.num_experts_per_tok if spec.is_moe else 1)
     phases = []
     for step in ("first_step", "steady_state"):
         s = opt.device if step == "steady_state" else 0
@@ -361,7 +387,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         fwd_loss = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
                         logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache)
         fwd_layer = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
-                         autocast_cache=autocast_cache, dequant_transient=dequant)
+                         autocast_cache=autocast_cache, dequant_transient=max(dequant, lora_fwd))
         fwd = max(fwd_loss, fwd_layer, key=lambda c: sum(c.values()))
         # backward starts with the loss gradient; the autocast casts saved inside checkpointed layers are gone
         bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
@@ -390,8 +416,21 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             candidates.append(dict(static, optimizer_state=s, gradients=grads, recompute=tied_extra))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         else:
-            bwd_layers = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
-                              recompute=recompute, dequant_transient=dequant)
+            # inside the top layer's backward (its activations, recomputed under checkpointing, all alive): the
+            # incoming gradient [T, h] and, at the MLP product's backward, two [T, i] gradients; or, at a 4-bit
+            # Linear's backward, one [T, i] gradient beside the dequantised weight
+            at_mul = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers, recompute=recompute,
+                          backward_working_set=_blk(T * h * p.residual) + 2 * _blk(T * i_mlp * w_mlp))
+            at_linear = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
+                             recompute=recompute, dequant_transient=dequant,
+                             backward_working_set=_blk(T * h * p.residual) + _blk(T * i_mlp * w_mlp))
+            candidates = [at_mul, at_linear]
+            if cfg.gradient_checkpointing:
+                # the recomputed forward of the top layer, at an adapter's transient, with the incoming gradient
+                candidates.append(dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
+                                       recompute=recompute, dequant_transient=max(dequant, lora_fwd),
+                                       backward_working_set=_blk(T * h * p.residual)))
+            bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
                         optimizer_step_temporaries=opt.step_temporary)
         phases.append(Phase(f"{step}.forward", fwd))
