@@ -41,6 +41,9 @@ def test_import_is_light():
     ["fit", "llama-65b", "--method", "qlora", "--gpu", "48GB"],
     ["models"],
     ["gpus"],
+    ["plan", "llama-2-7b", "--tokens", "10M", "--gpus", "a100-80gb"],
+    ["cost", "llama-2-7b", "--gpu", "a100-80gb", "--tokens", "10M"],
+    ["ask", "can I fit 65B on a 48GB GPU?"],
 ])
 def test_estimator_commands_are_light(argv):
     assert _heavy_after(argv) == ""
