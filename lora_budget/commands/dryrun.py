@@ -31,12 +31,26 @@ def run_dry_estimate(spec, cfg, gpu, as_json: bool) -> None:
     """Print the dry run of one setup (text or JSON with the estimate's keys where they apply)."""
     from ..cli import emit_json
 
+    from ..memory import CUBLAS_WORKSPACE, CUDA_CONTEXT, RESERVE_FRACTION
+
     r = _trace(spec, cfg)
     d = r.as_dict()
+    if cfg.is_lora:  # the traced model holds the adapters too; `estimate` counts the base model's parameters
+        d["total_params"] = r.total_params - r.trainable_params
+    # the traced tensors plus the CUDA-only items the estimator adds, so the keys match `estimate --json`
+    allocated = r.peak_allocated_bytes + CUBLAS_WORKSPACE
+    d["peak_allocated_bytes"] = allocated
+    d["traced_peak_bytes"] = r.peak_allocated_bytes
+    d["peak_reserved_bytes"] = allocated + int(allocated * RESERVE_FRACTION)
+    d["device_total_bytes"] = d["peak_reserved_bytes"] + CUDA_CONTEXT
+    d["assumptions"] = list(cfg.assumptions) + [
+        f"peak_allocated = traced tensors + cuBLAS workspaces ({CUBLAS_WORKSPACE // 2**20} MiB)",
+        f"peak_reserved = allocated x (1 + {RESERVE_FRACTION}) (allocator reserve heuristic)",
+        f"device_total = reserved + CUDA context ({CUDA_CONTEXT // 2**20} MiB)"]
     if gpu is not None:
         d["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes}
-        d["fits"] = r.peak_allocated_bytes <= gpu.memory_bytes
-        d["headroom_bytes"] = gpu.memory_bytes - r.peak_allocated_bytes
+        d["fits"] = d["device_total_bytes"] <= gpu.memory_bytes
+        d["headroom_bytes"] = gpu.memory_bytes - d["device_total_bytes"]
     if as_json:
         emit_json(d)
         return
@@ -44,13 +58,16 @@ def run_dry_estimate(spec, cfg, gpu, as_json: bool) -> None:
     click.echo("Peak by phase (tensors traced; no CUDA context, workspaces or allocator reserve):")
     for name, v in r.phases.items():
         click.echo(f"  {name:<28} {format_gib(v):>14} {format_gb(v):>13}")
-    click.echo(f"  {'= peak allocated':<28} {format_gib(r.peak_allocated_bytes):>14} "
+    click.echo(f"  {'= peak of traced tensors':<28} {format_gib(r.peak_allocated_bytes):>14} "
                f"{format_gb(r.peak_allocated_bytes):>13}")
+    for key, label in (("peak_allocated_bytes", "+ cuBLAS workspaces"), ("peak_reserved_bytes", "+ allocator reserve"),
+                       ("device_total_bytes", "+ CUDA context (NVML)")):
+        click.echo(f"  {label:<28} {format_gib(d[key]):>14} {format_gb(d[key]):>13}")
     if r.offloaded_bytes:
         click.echo(f"  paged optimizer state (off the allocator): {format_gib(r.offloaded_bytes)}")
     if gpu is not None:
-        click.echo(f"{'FITS' if d['fits'] else 'DOES NOT FIT'} on {gpu.label} (tensors only; see `fit` for the "
-                   "CUDA overheads)")
+        click.echo(f"{'FITS' if d['fits'] else 'DOES NOT FIT'} on {gpu.label}: headroom "
+                   f"{format_gib(d['headroom_bytes'])}")
     click.echo("CUDA behaviour emulated:")
     for e in r.emulations:
         click.echo(f"  - {e}")
