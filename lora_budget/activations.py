@@ -165,8 +165,10 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # ---- attention core --------------------------------------------------------------------------------------
     act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
     kv_width = hkv
-    if cfg.padding or _eager(cfg):
-        kv_width = hq  # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats)
+    if _eager(cfg) or (cfg.padding and spec.num_key_value_heads > 1):
+        # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats).  With a single kv head the
+        # expand + reshape is a stride-0 view and SDPA saves the unexpanded storage.
+        kv_width = hq
     if _eager(cfg):
         # q, repeated k and v, o_proj input copy; fp32 softmax probabilities + their cast to the compute dtype
         # q is saved by q @ k^T only for k's gradient: layer 0 of a LoRA model without a k adapter has none
@@ -186,7 +188,11 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # ---- MLP activations (gate out, act out, up out) -----------------------------------------------------------
     if spec.is_moe:
         E, k = spec.num_local_experts, spec.num_experts_per_tok
-        if full:
+        experts_adapted = cfg.is_lora and cfg.target_modules == "all-linear"
+        if full or experts_adapted:
+            if experts_adapted:
+                # peft's ParamWrapper merges W + B @ A per forward: the merged expert weights are saved
+                per_layer += _blk(E * 2 * i * h * act) + _blk(E * h * i * act)
             # gathered input and down output (k x w.h), gate_up out (k x 2w.i), act and product (k x 2w.i);
             # fp32 router softmax (4E), top-k indices / sort / routing weights (about 36k + 4 bytes)
             mlp += k * (2 * act * h + 4 * act * i) + 4 * E + 36 * k + 13
@@ -210,8 +216,9 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
             adapters += x
             continue
         adapters += _adapter_saved(m, widths[m.input], shared, cfg, p)
-    if cfg.is_lora:
-        # the frozen down_proj / o_proj save nothing; when an adapter reads the MLP product it is saved by lora_A
-        pass
+    if spec.is_moe and cfg.is_lora and cfg.target_modules == "all-linear":
+        # peft 0.21 adapts the router (an nn.Parameter module) like a Linear h -> E
+        router = LinearModule("gate", h, spec.num_local_experts, False, "mlp", "norm2")
+        adapters += _adapter_saved(router, widths["norm2"], shared, cfg, p)
     return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
                             per_layer=per_layer + gemma_norm)
