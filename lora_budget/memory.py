@@ -416,20 +416,31 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             candidates.append(dict(static, optimizer_state=s, gradients=grads, recompute=tied_extra))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         else:
-            # inside the top layer's backward (its activations, recomputed under checkpointing, all alive): the
-            # incoming gradient [T, h] and, at the MLP product's backward, two [T, i] gradients; or, at a 4-bit
-            # Linear's backward, one [T, i] gradient beside the dequantised weight
-            at_mul = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers, recompute=recompute,
-                          backward_working_set=_blk(T * h * p.residual) + 2 * _blk(T * i_mlp * w_mlp))
-            at_linear = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
-                             recompute=recompute, dequant_transient=dequant,
-                             backward_working_set=_blk(T * h * p.residual) + _blk(T * i_mlp * w_mlp))
-            candidates = [at_mul, at_linear]
-            if cfg.gradient_checkpointing:
-                # the recomputed forward of the top layer, at an adapter's transient, with the incoming gradient
-                candidates.append(dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
-                                       recompute=recompute, dequant_transient=max(dequant, lora_fwd),
-                                       backward_working_set=_blk(T * h * p.residual)))
+            # inside a layer's backward (its activations, recomputed under checkpointing, all alive): the incoming
+            # gradient [T, h] and, at the MLP product's backward, two [T, i] gradients; or, at a 4-bit Linear's
+            # backward, one [T, i] gradient beside the dequantised weight; or, under checkpointing, the recomputed
+            # forward at an adapter's transient.  Going down, the layers' saved tensors (or checkpoints) are freed
+            # while the adapters' gradients accumulate.
+            g_layer = grads // L if L else 0
+            grad_in = _blk(T * h * p.residual)
+            candidates = []
+            # (the bottom layer, with the adapters' gradients of the layers above, is not modelled: on realistic
+            # shapes the checkpoints of the layers above outweigh their adapter gradients)
+            for above in (0,):
+                below = L - above
+                if cfg.gradient_checkpointing:
+                    acts = below * _blk(T * p.residual * h)
+                else:
+                    acts = (below - 1) * per_layer + (layer0 if below == 1 else per_layer)
+                g = grads if k > 1 else above * g_layer
+                base = dict(static, optimizer_state=s, gradients=g, activations=acts, recompute=recompute)
+                if above == 0:
+                    candidates.append(dict(base, backward_working_set=grad_in + 2 * _blk(T * i_mlp * w_mlp)))
+                candidates.append(dict(base, dequant_transient=dequant,
+                                       backward_working_set=grad_in + _blk(T * i_mlp * w_mlp)))
+                if cfg.gradient_checkpointing:
+                    candidates.append(dict(base, dequant_transient=max(dequant, lora_fwd),
+                                           backward_working_set=grad_in))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
                         optimizer_step_temporaries=opt.step_temporary)
