@@ -452,5 +452,11 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     peak = max(ph.total for ph in phases)
     reserve = int(peak * RESERVE_FRACTION)
     notes.extend(opt.notes)
+    if spec.is_moe and cfg.is_lora and cfg.target_modules == "all-linear" and cfg.lora_dropout > 0:
+        notes.append("WARNING: peft 0.21 refuses lora_dropout != 0 on Mixtral's expert parameters, which all-linear "
+                     "adapts: this setup fails in the real libraries (use --lora-dropout 0 or attention targets)")
+    if spec.is_moe and p.quantized:
+        notes.append("WARNING: transformers 5 keeps Mixtral's 3-D experts unquantised and prepare_model_for_kbit_"
+                     "training upcasts them to fp32; the dry run of this step fails in grouped_mm (bf16 only)")
     return MemoryBreakdown(components=components, phases=tuple(phases), offloaded=opt.paged, reserve=reserve,
                            context=CUDA_CONTEXT, notes=tuple(notes))
