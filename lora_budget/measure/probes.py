@@ -58,33 +58,9 @@ def is_oom(exc: BaseException) -> bool:
 
 
 # ---- parameters ------------------------------------------------------------------------------------------------
-def real_numel(p) -> int:
-    """Elements of the weight a parameter stands for: a bnb ``Params4bit`` stores 2 values per uint8, so its
-    ``numel()`` counts packed bytes (peft's ``get_nb_trainable_parameters`` doubles it); its ``quant_state.shape``
-    holds the real shape."""
-    qs = getattr(p, "quant_state", None)
-    shape = getattr(qs, "shape", None)
-    if shape is not None:
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return n
-    return int(p.numel())
-
-
-def param_counts(model) -> tuple[int, int]:
-    """(total, trainable) parameters of a model, each shared tensor once, 4-bit weights at their real size."""
-    total = trainable = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = real_numel(p)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return total, trainable
+# parameter counts (4-bit aware) are the dry run's: one implementation for both paths
+from ..dryrun.build import count_params as param_counts  # noqa: E402
+from ..dryrun.build import real_numel  # noqa: E402,F401
 
 
 # ---- NVML ------------------------------------------------------------------------------------------------------
