@@ -192,9 +192,13 @@ def optimizer_memory(spec: ModelSpec, cfg: FinetuneConfig, tensors: list[Tensor]
     paged = o.startswith("paged")
     dev = 0
     off = 0
+    quant_maps = 0
     for t in tensors:
         if eight and t.numel >= MIN_8BIT_SIZE and not t.embedding:
             b = 2 * _blk(t.numel) + 2 * _blk(4 * ceil_div(t.numel, OPT8_BLOCK))
+            if not quant_maps:  # qmap1 / qmap2: the 256-entry fp32 dynamic maps, shared by all 8-bit states
+                quant_maps = 2 * _blk(256 * 4)
+                dev += quant_maps
         else:  # 32-bit states (fp32 whatever the param dtype; Trainer overrides embeddings to 32-bit)
             b = 2 * _blk(4 * t.numel)
         if paged and t.numel >= PAGED_MIN_NUMEL:
