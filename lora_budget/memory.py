@@ -360,6 +360,14 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         dequant = _blk(biggest * dtype_bytes(cfg.bnb_4bit_compute_dtype))
     workspace = CUBLAS_WORKSPACE
 
+    # use_cache=True (the config default) without checkpointing: the DynamicCache keeps every layer's k and v
+    # until the outputs are dropped.  Usually those are the tensors SDPA saves anyway; under autocast with an fp32
+    # residual stream (QLoRA, fp32 master weights) SDPA saves bf16 casts and the cached fp32 k/v are extra.
+    kv_cache = 0
+    if not cfg.gradient_checkpointing and p.autocast and p.residual == 4 and spec.model_type != "gpt2":
+        kv_cache = L * 2 * _blk(T * spec.kv_dim * 4)
+        notes.append("use_cache=True (config default) without gradient checkpointing: the KV cache holds fp32 k/v "
+                     "of every layer until the forward's outputs are dropped")
     components = {
         "weights": weights,
         "quantized_weights": quant,
@@ -372,6 +380,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         "logits_loss": loss.saved + max(loss.forward_transient, loss.backward_transient),
         "recompute": recompute,
         "backward_working_set": 0,
+        "kv_cache": kv_cache,
         "autocast_cache": autocast_cache,
         "dequant_transient": dequant,
         "cuda_workspace": workspace,
@@ -389,7 +398,8 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         g_fwd = grads if k > 1 else 0  # grads of earlier micro-batches persist across accumulation
         # forward: at the loss (logits and their fp32 copies) or inside the last layer (a dequantised weight)
         fwd_loss = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
-                        logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache)
+                        logits_loss=loss.saved + loss.forward_transient, autocast_cache=autocast_cache,
+                        kv_cache=kv_cache)
         fwd_layer = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers,
                          autocast_cache=autocast_cache, dequant_transient=max(dequant, lora_fwd))
         fwd = max(fwd_loss, fwd_layer, key=lambda c: sum(c.values()))
