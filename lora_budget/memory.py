@@ -413,6 +413,10 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         if cfg.method == "full":
             g_layer = sum(t.bytes for t in trainable[-0:]) and layer_grad_bytes(spec, cfg)
             g_top = grads - L * g_layer - (sum(t.bytes for t in dense if t.embedding))
+            g_mlp = L and (sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1), cfg))
+                           - sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1, intermediate_size=1,
+                                                                          num_local_experts=0,
+                                                                          num_experts_per_tok=0), cfg)))
             per_saved = _blk(T * p.residual * h) if cfg.gradient_checkpointing else per_layer
             candidates = []
             for above in (0, L - 1):
@@ -423,6 +427,17 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                                        activations=acts + (top if above == 0 and not cfg.gradient_checkpointing else 0),
                                        recompute=recompute, dequant_transient=dequant,
                                        autocast_cache=autocast_cache if above == 0 else 0))
+                if cfg.gradient_checkpointing:
+                    # at the end of the layer's MLP backward (gate/up weight gradients): every MLP weight gradient
+                    # exists beside the recomputed attention activations, the MLP input, the gradients of the
+                    # gate and up outputs and the incoming gradient
+                    candidates.append(dict(static, optimizer_state=s,
+                                           gradients=(grads if k > 1 else g_top + above * g_layer + g_mlp),
+                                           activations=acts, recompute=max(0, recompute - T * la.mlp),
+                                           backward_working_set=_blk(T * h * p.residual) + _blk(T * h * p.compute)
+                                           + _blk(2 * T * i_mlp * w_mlp)
+                                           + (_blk(T * spec.num_experts_per_tok * h * p.compute) if spec.is_moe
+                                              else 0)))
             # the end of backward: every gradient exists and the embedding's arrives - through the embedding
             # output's gradient [T, h]; with tied embeddings as a second V x h gradient added to lm_head's
             tied_extra = 2 * _blk(spec.vocab_size * h * p.param) if spec.tie_word_embeddings else \
