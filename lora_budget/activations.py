@@ -123,9 +123,9 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     h, i, hq, hkv, n_h = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim, spec.num_attention_heads
     full = cfg.method == "full"
     res = p.residual
-    targets = {id(m) for m in resolve_targets(spec, cfg.target_modules)} if cfg.is_lora else set()
+    targets = set(resolve_targets(spec, cfg.target_modules)) if cfg.is_lora else set()  # compared by value
     linears = layer_linears(spec)
-    adapted = [m for m in linears if id(m) in targets]
+    adapted = [m for m in linears if m in targets]
 
     # ---- norms ---------------------------------------------------------------------------------------------
     # RMSNorm: fp32 upcast of the input (the input itself when already fp32) + rsqrt [T,1] fp32; with a trainable

@@ -94,3 +94,18 @@ def test_suggestions_lower_the_peak():
     assert sugg
     assert all(s.estimate.device_total_bytes < est.device_total_bytes for s in sugg)
     assert any(s.fits for s in sugg)
+
+
+@pytest.mark.parametrize("targets,modules", [("q_proj", ["q_proj"]), ("q_proj,v_proj", ["q_proj", "v_proj"]),
+                                             ("all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"])])
+def test_adapter_activations_follow_the_targets(targets, modules):
+    """bf16 base, fp32 adapters, no dropout, no autocast: each adapted module saves its own fp32 input cast
+    (4 bytes x in_features) and lora_A's output (4 bytes x r) - memory-accounting.md 6.5."""
+    from lora_budget.activations import layer_activations
+    from lora_budget.params import layer_linears
+
+    spec = get_model("llama-3-8b")
+    cfg = make_config("lora", target_modules=targets, lora_rank=16)
+    ins = {m.name: m.in_features for m in layer_linears(spec)}
+    assert layer_activations(spec, cfg).adapters == sum(4 * ins[n] + 4 * 16 for n in modules)
