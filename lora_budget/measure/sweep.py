@@ -121,30 +121,10 @@ def parse_cap(text) -> int | None:
 
 
 def read_sweep_file(path: str | os.PathLike) -> dict:
-    """The sweep file as a dict (JSON, or YAML for .yaml / .yml)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep file {p}: {exc.strerror or exc}") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise MissingDependencyError("YAML sweep files need pyyaml: pip install 'lora_budget[yaml]' "
-                                         "(or write the sweep as JSON)") from None
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
-    else:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: a sweep file holds one object (name, models, base, grid, ...)")
-    return doc
+    """The sweep file as a dict (JSON, or YAML for .yaml / .yml), read like the training config files."""
+    from ..configfile import read_config_file
+
+    return read_config_file(path)
 
 
 def _as_list(v) -> list:
