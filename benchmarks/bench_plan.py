@@ -7,21 +7,15 @@ Run: python benchmarks/bench_plan.py   (prints a small table; not a test)
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fit import wall  # noqa: E402  (one timing helper for the benchmarks)
 
 REPEATS = 5
 CASES = [("llama-3.1-70b", "qlora"), ("llama-3.1-70b", "full"), ("llama-3.1-70b", "lora"), ("llama-2-7b", "full")]
-
-
-def wall(cmd: list[str]) -> float:
-    times = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def in_process(model: str, method: str) -> tuple[float, int, int]:

@@ -154,14 +154,14 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
         if p.autocast and p.param != p.compute:
             # each Linear saves its own autocast cast of the input; weights cast per call and kept (cached)
             attention += (3 if spec.model_type != "phi3" else 1) * w_in * h  # q, k, v each cast their input
+            # (the weight casts of trainable fp32 leaves live in the autocast cache: memory.py)
             mlp += (2 if spec.model_type != "phi3" else 1) * w_in * h + w_in * i
-            per_layer += 0  # weight casts of trainable fp32 leaves live in the autocast cache (memory.py)
         else:
             attention += w_in * h  # q/k/v share the norm output
             mlp += w_in * h  # gate/up (MoE: router and experts) share the norm output
             if not spec.is_moe:
                 mlp += w_in * i  # down_proj saves the product
-            attention += 0  # o_proj input is the SDPA output, counted with attention below
+            # (o_proj's input is the SDPA output, counted with the attention core below)
     # ---- attention core --------------------------------------------------------------------------------------
     act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
     kv_width = hkv
@@ -182,9 +182,7 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
         per_seq = 0
         if cfg.padding:
             attention += act * cfg.seq_len  # the additive mask [b,1,s,s] converted per call and saved
-    if p.quantized and p.autocast:
-        # fp32 q/k after RoPE are cast for SDPA: the casts are what SDPA saves (counted above at 2 bytes)
-        pass
+    # (QLoRA under autocast: the fp32 q/k/v are cast for SDPA and the casts are what it saves, at act = 2 bytes)
     # ---- MLP activations (gate out, act out, up out) -----------------------------------------------------------
     if spec.is_moe:
         E, k = spec.num_local_experts, spec.num_experts_per_tok

@@ -411,7 +411,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         # checkpointing) while, for full fine-tuning, the weight gradients of the layers above accumulate.  Both
         # grow linearly in the layer index, so the largest is at the top or the bottom layer.
         if cfg.method == "full":
-            g_layer = sum(t.bytes for t in trainable[-0:]) and layer_grad_bytes(spec, cfg)
+            g_layer = layer_grad_bytes(spec, cfg)
             g_top = grads - L * g_layer - (sum(t.bytes for t in dense if t.embedding))
             g_mlp = L and (sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1), cfg))
                            - sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1, intermediate_size=1,
