@@ -155,7 +155,10 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
             # each Linear saves its own autocast cast of the input; weights cast per call and kept (cached)
             attention += (3 if spec.model_type != "phi3" else 1) * w_in * h  # q, k, v each cast their input
             # (the weight casts of trainable fp32 leaves live in the autocast cache: memory.py)
-            mlp += (2 if spec.model_type != "phi3" else 1) * w_in * h + w_in * i
+            if spec.is_moe:
+                mlp += w_in * h  # only the router is an autocast F.linear (grouped_mm experts are not)
+            else:
+                mlp += (2 if spec.model_type != "phi3" else 1) * w_in * h + w_in * i
         else:
             attention += w_in * h  # q/k/v share the norm output
             mlp += w_in * h  # gate/up (MoE: router and experts) share the norm output
@@ -165,9 +168,12 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # ---- attention core --------------------------------------------------------------------------------------
     act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
     kv_width = hkv
-    if _eager(cfg) or (cfg.padding and spec.num_key_value_heads > 1):
-        # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats).  With a single kv head the
-        # expand + reshape is a stride-0 view and SDPA saves the unexpanded storage.
+    if (_eager(cfg) or cfg.padding) and spec.num_key_value_heads > 1:
+        # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats) into a copy
+        kv_width = hq
+    elif _eager(cfg) and cfg.batch_size > 1 and spec.num_key_value_heads < spec.num_attention_heads:
+        # a single kv head: repeat_kv's expand + reshape is a stride-0 view (SDPA saves the unexpanded storage),
+        # but eager's matmuls fold batch and heads into one bmm dim, which copies the view when batch > 1
         kv_width = hq
     if _eager(cfg):
         # q, repeated k and v, o_proj input copy; fp32 softmax probabilities + their cast to the compute dtype
@@ -186,16 +192,20 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # ---- MLP activations (gate out, act out, up out) -----------------------------------------------------------
     if spec.is_moe:
         E, k = spec.num_local_experts, spec.num_experts_per_tok
+        # transformers' grouped_mm experts cast their input to the expert weights' dtype and grouped_mm is not
+        # autocast-enabled: the experts compute in the dtype of their (unquantised) 3-D weights, fp32 for QLoRA
+        # and fp32 training under autocast alike
+        ew = p.param
         experts_adapted = cfg.is_lora and cfg.target_modules == "all-linear"
         if full or experts_adapted:
             if experts_adapted:
                 # peft's ParamWrapper merges W + B @ A per forward: the merged expert weights are saved
-                per_layer += _blk(E * 2 * i * h * act) + _blk(E * h * i * act)
+                per_layer += _blk(E * 2 * i * h * ew) + _blk(E * h * i * ew)
             # gathered input and down output (k x w.h), gate_up out (k x 2w.i), act and product (k x 2w.i);
             # fp32 router softmax (4E), top-k indices / sort / routing weights (about 36k + 4 bytes)
-            mlp += k * (2 * act * h + 4 * act * i) + 4 * E + 36 * k + 13
+            mlp += k * (2 * ew * h + 4 * ew * i) + 4 * E + 36 * k + 13
         else:  # frozen experts and router save no inputs, only what the activation and routing products need
-            mlp += k * (act * h + 3 * act * i) + 4 * E + 36 * k + 13
+            mlp += k * (ew * h + 3 * ew * i) + 4 * E + 36 * k + 13
     else:
         mlp_width = 4 if p.quantized else p.compute
         mlp += 3 * mlp_width * i  # gate_proj out (SiLU input), SiLU out, up_proj out

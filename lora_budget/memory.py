@@ -485,7 +485,9 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         notes.append("WARNING: peft 0.21 refuses lora_dropout != 0 on Mixtral's expert parameters, which all-linear "
                      "adapts: this setup fails in the real libraries (use --lora-dropout 0 or attention targets)")
     if spec.is_moe and p.quantized:
-        notes.append("WARNING: transformers 5 keeps Mixtral's 3-D experts unquantised and prepare_model_for_kbit_"
-                     "training upcasts them to fp32; the dry run of this step fails in grouped_mm (bf16 only)")
+        notes.append("WARNING: transformers 5 keeps Mixtral's 3-D expert weights unquantised (bitsandbytes "
+                     "replaces nn.Linear only) and prepare_model_for_kbit_training upcasts them to fp32: the "
+                     "experts cost 4 bytes per parameter here, not 0.5, and compute in fp32 (grouped_mm ignores "
+                     "autocast)")
     return MemoryBreakdown(components=components, phases=tuple(phases), offloaded=opt.paged, reserve=reserve,
                            context=CUDA_CONTEXT, notes=tuple(notes))

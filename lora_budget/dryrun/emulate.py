@@ -78,6 +78,36 @@ def no_packed_sequences():
         mu.find_packed_sequence_indices = orig
 
 
+# ---- grouped_mm dtypes (MoE experts) -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cuda_grouped_mm_dtypes(on_use=None):
+    """``aten::_grouped_mm`` on CUDA (aten/src/ATen/native/cuda/GroupedBlas.cpp) takes bf16, fp16 and fp32: bf16 runs
+    the CUTLASS kernel, the others ``_grouped_mm_fallback`` (an ``mm_out`` per group into the one output tensor, no
+    other device buffer).  The meta kernel that fake tensors run (``torch/_meta_registrations.py``) accepts bf16
+    only, so MoE experts kept in fp32 (QLoRA's ``prepare_model_for_kbit_training``, fp32 training) could not be
+    traced.  Same output shape and dtype as CUDA; the bf16 path is untouched.  ``on_use`` is called each time the
+    relaxed path runs."""
+    import torch._meta_registrations as mr
+
+    orig = mr._meta_grouped_mm_common
+
+    def common(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None, out_dtype=None,
+               use_fast_accum=False):
+        if (scale_a is None and scale_b is None and mat_a.dtype == mat_b.dtype
+                and mat_a.dtype in (torch.float32, torch.float16)):
+            torch._check(mat_a.dim() in (2, 3) and mat_b.dim() in (2, 3), lambda: "Multiplicands must be 2D or 3D")
+            if on_use is not None:
+                on_use(mat_a.dtype)
+            return mr._create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype or mat_a.dtype)
+        return orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+
+    mr._meta_grouped_mm_common = common
+    try:
+        yield
+    finally:
+        mr._meta_grouped_mm_common = orig
+
+
 # ---- autocast policy ---------------------------------------------------------------------------------------------
 # CUDA's autocast lists (aten/src/ATen/autocast_mode.h, AT_FORALL_*) where the CPU lists differ.  linear, matmul,
 # mm, bmm, addmm, baddbmm and scaled_dot_product_attention are lower-precision on both.
@@ -240,9 +270,16 @@ class CudaEmulation:
                 hooks[torch.ops.bitsandbytes.gemm_4bit.default] = _gemm_4bit_hook
         return hooks
 
+    def _note_grouped_mm(self, dtype):
+        line = (f"grouped_mm (MoE experts) in {str(dtype).replace('torch.', '')}: CUDA's per-group mm fallback "
+                "(same output tensor; the meta kernel of fake tensors accepts bf16 only)")
+        if line not in self.lines:
+            self.lines.append(line)
+
     def __enter__(self):
         st = self._stack
         st.enter_context(no_packed_sequences())
+        st.enter_context(cuda_grouped_mm_dtypes(self._note_grouped_mm))
         if self.cuda:
             st.enter_context(cuda_dropout())
             self.lines.append("dropout: F.dropout -> torch.native_dropout (bool mask, as CUDA's fused dropout)")
