@@ -102,6 +102,15 @@ class LayerActivations:
     adapters: int
     per_seq: int
     per_layer: int
+    #: bytes/token a recomputed layer (gradient checkpointing, ``use_cache=False``) saves beyond the forward:
+    #: with a fused qkv_proj and no KV cache copy, V is a view of the qkv output and keeps all of it
+    recompute_extra: int = 0
+    #: the layer's inputs (``LinearModule.input`` names) whose own storage is saved by an adapter that reads them
+    #: without a cast or dropout (a LoRA layer's other inputs are freed once their consumers have run)
+    saved_inputs: frozenset = frozenset()
+    #: bytes/token the down_proj adapter saves (its input or the input's cast, lora_A's output); part of
+    #: ``adapters``, freed by the adapter's backward before the MLP product's backward runs
+    down_adapter: int = 0
 
     @property
     def per_token(self) -> int:
@@ -211,7 +220,10 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
         mlp += 3 * mlp_width * i  # gate_proj out (SiLU input), SiLU out, up_proj out
     # ---- LoRA adapters -------------------------------------------------------------------------------------
     adapters = 0
-    shared: set = set()
+    # an adapter that reads its input without a cast saves that storage; SDPA's output (counted above) is o_proj's
+    # input (transpose + reshape of the kernel's [b, s, h, d] output is a view)
+    shared: set = set() if _eager(cfg) or spec.model_type == "phi3" else {"attn_out"}
+    down_saved = 0
     widths = {"norm1": res if not p.quantized else 4, "norm2": res if not p.quantized else 4,
               "attn_out": act, "act": 4 if p.quantized else p.compute}
     widths["ln_1"], widths["ln_2"] = widths["norm1"], widths["norm2"]  # GPT-2 names of the same inputs
@@ -223,10 +235,101 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
                 x -= m.in_features
             adapters += x
             continue
-        adapters += _adapter_saved(m, widths[m.input], shared, cfg, p)
+        saved = _adapter_saved(m, widths[m.input], shared, cfg, p)
+        if m.input == "act":
+            down_saved = saved
+        adapters += saved
     if spec.is_moe and cfg.is_lora and cfg.target_modules == "all-linear":
         # peft 0.21 adapts the router (an nn.Parameter module) like a Linear h -> E
         router = LinearModule("gate", h, spec.num_local_experts, False, "mlp", "norm2")
         adapters += _adapter_saved(router, widths["norm2"], shared, cfg, p)
+    # Without checkpointing the config default use_cache=True copies K and V into the DynamicCache (torch.cat),
+    # and attention saves the copies; a recomputed layer runs with use_cache=False.  A fused qkv_proj (Phi-3)
+    # then hands SDPA a view of its output as V: unless autocast casts it (the fp32 QLoRA output), the whole
+    # [T, hq + 2 hkv] output stays, beside the rotated Q and K copies.
+    qkv_width = 4 if p.quantized else p.compute
+    fused = any(m.name == "qkv_proj" for m in linears)
+    recompute_extra = act * (hq + hkv) if fused and qkv_width == act else 0
     return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
-                            per_layer=per_layer + gemma_norm)
+                            per_layer=per_layer + gemma_norm, down_adapter=down_saved,
+                            recompute_extra=recompute_extra, saved_inputs=frozenset(shared))
+
+
+@dataclass(frozen=True)
+class MlpMoments:
+    """Bytes/token: the peaks inside the forward of the MLP's LoRA modules relative to the layer's saved set, and
+    the gradient tensors alive when a checkpointed layer's recompute starts (beside the incoming gradient)."""
+
+    moments: tuple
+    recompute_trigger: int
+
+
+def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
+    """The highest moments inside the forward of the MLP's LoRA modules, bytes/token relative to the layer's
+    whole saved set (``LayerActivations.bytes``): what of the layer is saved by then, minus what is not saved
+    yet, plus what lives only then.  Empty when no MLP module is adapted (or for MoE / GPT-2 layers).
+
+    Per adapted MLP module (gate/up or gate_up, then down; peft 0.21 ``lora.Linear`` / ``lora.bnb.Linear4bit``):
+    the base output (bnb: its clone, in the input dtype), the fp32 input copy peft makes for the adapter when it
+    is not what lora_A saves, and at the scaling: lora_B's output and the scaled copy (autocast: bf16, else the
+    adapter dtype), or at the sum: the scaled copy and the sum.  The MLP's input (the second norm's output) and
+    the product entering down_proj live in the MLP's frame whether saved or not.  These moments are those of a
+    recomputed layer (gradient checkpointing): its recompute stops at down_proj's lora_A.
+    """
+    none = MlpMoments((), 0)
+    if not cfg.is_lora or spec.is_moe or spec.model_type == "gpt2":
+        return none
+    p = precision(cfg)
+    h, i = spec.hidden_size, spec.intermediate_size
+    targets = set(resolve_targets(spec, cfg.target_modules))
+    mods = [m for m in layer_linears(spec) if m.input in ("norm2", "act")]
+    if not any(m in targets for m in mods):
+        return none
+    la = layer_activations(spec, cfg)
+    w = 4 if p.quantized else p.compute  # MLP intermediates (bnb returns the input dtype)
+    w_res = w  # a LoRA module's base output
+    wl = 2 if p.autocast else p.adapter  # lora_B output and its scaled copy
+    wa = w_res if p.quantized else max(w_res, wl)  # the sum (bnb converts the adapter output first)
+    widths = {"norm2": 4 if p.quantized else p.residual, "act": w}
+    dropout = cfg.lora_dropout > 0
+    # what each module's adapter saves (same sharing rule as layer_activations: the first of gate/up that reads
+    # the norm output as it is saves it)
+    shared: set = set()
+    saved = {m: _adapter_saved(m, widths[m.input], shared, cfg, p) if m in targets else 0 for m in mods}
+    # the MLP's own saved outputs, created by each module in turn
+    fused = mods[0].name == "gate_up_proj"
+    outs = {m: (3 * w * i if fused else 2 * w * i) if m.input == "norm2" and (fused or m.name == "gate_proj")
+            else (w * i if m.input == "norm2" else 0) for m in mods}
+    moments = []
+    # alive in the frames whether saved or not: the residual after attention (unless the second norm's fp32
+    # upcast is that tensor itself), the MLP's input, the product entering down_proj
+    frame = (p.residual * h if p.residual != 4 else 0) + (0 if "norm2" in la.saved_inputs else widths["norm2"] * h)
+    product_live = 0 if "act" in la.saved_inputs else w * i
+    later = sum(saved.values()) + sum(outs.values())  # MLP items not saved yet at the first module
+    for m in mods:
+        o, n = m.out_features, m.in_features
+        later -= saved[m] + outs[m]
+        if m not in targets:
+            continue
+        # peft's fp32 copy of the input lives through the adapter's forward; it is saved only without dropout
+        # and autocast (then it is part of saved[m]); under autocast the fp32 dropout output is a transient
+        x_copy = 4 * n if widths[m.input] != 4 and (dropout or p.autocast) else 0
+        if m.input == "act":
+            # the recompute stops once the last saved tensor exists: down_proj's lora_A output (lora_B's input)
+            drop = 4 * n if dropout and p.autocast else 0
+            moments.append(-later + frame + product_live + x_copy + drop + w_res * o)
+            continue
+        at_scale = w_res * o + 2 * wl * o
+        at_sum = w_res * o + wl * o + wa * o
+        # saved so far: everything but the items of later modules and this module's outputs
+        moments.append(-(later + outs[m]) + frame + x_copy + max(at_scale, at_sum))
+    # Under checkpointing the layer is recomputed when the first backward node with saved tensors runs.  With an
+    # adapted down_proj that is its lora_B: the gradient of the adapter path exists by then (the scaled copy's
+    # gradient, and with a sum in another dtype the base output's gradient cast back).  Without
+    # it, bnb's frozen down_proj saves nothing and the MLP product's gradient [T, i] exists first.
+    down = next((m for m in mods if m.input == "act"), None)
+    if down in targets:
+        trigger = h * (wl + (w_res if wa != w_res else 0))
+    else:
+        trigger = w * i if p.quantized else 0
+    return MlpMoments(moments=tuple(moments), recompute_trigger=trigger)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from .activations import layer_activations, precision
+from .activations import layer_activations, mlp_adapter_moments, precision
 from .finetune import FinetuneConfig
 from .models import ModelSpec
-from .params import count_params, layer_adapters, layer_linears, lora_params
+from .params import count_params, layer_adapters, layer_linears, lora_params, resolve_targets
 from .units import MiB, ceil_div, dtype_bytes, round_up
 
 #: The caching allocator rounds every request up to a multiple of 512 bytes (kMinBlockSize).
@@ -50,17 +50,19 @@ def lora_forward_transient(spec: ModelSpec, cfg: FinetuneConfig) -> int:
     if not cfg.is_lora:
         return 0
     p = precision(cfg)
-    from .params import resolve_targets
 
-    worst = 0
-    for m in resolve_targets(spec, cfg.target_modules):
-        if p.quantized:
-            width = p.compute if m.input == "attn_out" else 4
-        else:
-            width = p.compute if m.input == "attn_out" else p.residual
-        per = (4 if width != 4 else 0) + (4 if cfg.lora_dropout > 0 and p.autocast else 0)
-        worst = max(worst, _blk(cfg.tokens * m.in_features * per))
-    return worst
+    return max((_adapter_forward_transient(m, cfg, p) for m in resolve_targets(spec, cfg.target_modules)),
+               default=0)
+
+
+def _adapter_forward_transient(m, cfg: FinetuneConfig, p) -> int:
+    """The short-lived fp32 input cast / dropout output of one adapter's forward, bytes."""
+    if p.quantized:
+        width = p.compute if m.input == "attn_out" else 4
+    else:
+        width = p.compute if m.input == "attn_out" else p.residual
+    per = (4 if width != 4 else 0) + (4 if cfg.lora_dropout > 0 and p.autocast else 0)
+    return _blk(cfg.tokens * m.in_features * per)
 
 
 def _blk(n: int) -> int:
@@ -344,7 +346,8 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     if cfg.gradient_checkpointing:
         ckpt = L * _blk(T * p.residual * h)  # each layer's input, kept by the checkpoint
         saved_layers = ckpt
-        recompute = per_layer
+        # an fp32 residual stream: the first norm's fp32 "upcast" is the checkpointed input itself
+        recompute = per_layer - (T * 4 * h if p.residual == 4 else 0) + T * la.recompute_extra
     else:
         saved_layers = layer0 + (L - 1) * per_layer
         recompute = 0
@@ -354,6 +357,9 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         autocast_cache = 2 * L * pc.per_layer_linear_weights
     elif p.autocast and cfg.is_lora:
         autocast_cache = sum(2 * t.numel for t in lora_tensors(spec, cfg))
+    if cfg.gradient_checkpointing and L:
+        # the recomputed layer runs under autocast again: its weight casts are saved by its matmuls
+        recompute += autocast_cache // L
     dequant = 0
     if p.quantized:
         biggest = max(m.in_features * m.out_features for m in layer_linears(spec))
@@ -445,31 +451,50 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             candidates.append(dict(static, optimizer_state=s, gradients=grads, recompute=tied_extra))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         else:
-            # inside a layer's backward (its activations, recomputed under checkpointing, all alive): the incoming
-            # gradient [T, h] and, at the MLP product's backward, two [T, i] gradients; or, at a 4-bit Linear's
-            # backward, one [T, i] gradient beside the dequantised weight; or, under checkpointing, the recomputed
-            # forward at an adapter's transient.  Going down, the layers' saved tensors (or checkpoints) are freed
-            # while the adapters' gradients accumulate.
+            # inside a layer's backward (its activations, recomputed under checkpointing, all alive) with the
+            # incoming gradient [T, h]:
+            # - at the MLP product's backward: its incoming gradient (down_proj's grad input; the sum of the base
+            #   and adapter paths while both partial gradients still exist) and the two gradients it makes, [T, i]
+            #   each; the down_proj adapter's saved input is gone by then and its gradients exist;
+            # - at a 4-bit Linear's backward: one [T, i] gradient beside the dequantised weight;
+            # - under checkpointing, in the recomputed forward at an adapter's transient.
+            # Going down, the layers' saved tensors (or checkpoints) are freed while the adapters' gradients
+            # accumulate: under checkpointing the bottom layer can be the larger (r=64 on every linear layer of
+            # the 65B QLoRA setup: 38 MB of gradients against a 17 MB checkpoint per layer).
             g_layer = grads // L if L else 0
             grad_in = _blk(T * h * p.residual)
+            r = cfg.lora_rank
+            g_down = sum(_blk(r * m.in_features * p.adapter) + _blk(r * m.out_features * p.adapter)
+                         for m in resolve_targets(spec, cfg.target_modules) if m.input == "act")
+            freed_down = dict(recompute=-T * la.down_adapter) if cfg.gradient_checkpointing else \
+                dict(activations=-T * la.down_adapter)
+            # inside an adapted MLP module's forward (recomputed under checkpointing, beside the gradients that
+            # started the recompute): activations.mlp_adapter_moments
+            mm = mlp_adapter_moments(spec, cfg)
+            moment = max(mm.moments, default=None)
+            rope = 2 * _blk(cfg.seq_len * spec.d_head * p.residual) if spec.model_type != "gpt2" else 0
             candidates = []
-            # at the bottom layer the adapters' gradients of every layer above exist; with r=64 on all linear
-            # layers they outweigh the checkpoints freed on the way down (65B QLoRA: 38 MB against 17 MB a layer)
             for above in ((0, L - 1) if cfg.gradient_checkpointing else (0,)):
                 below = L - above
                 if cfg.gradient_checkpointing:
-                    acts = below * _blk(T * p.residual * h)
+                    acts = below * _blk(T * p.residual * h) + rope
                 else:
                     acts = (below - 1) * per_layer + (layer0 if below == 1 else per_layer)
                 g = grads if k > 1 else above * g_layer
                 base = dict(static, optimizer_state=s, gradients=g, activations=acts, recompute=recompute)
-                if above == 0:
-                    candidates.append(dict(base, backward_working_set=grad_in + 2 * _blk(T * i_mlp * w_mlp)))
-                    candidates.append(dict(base, dequant_transient=dequant,
-                                           backward_working_set=grad_in + _blk(T * i_mlp * w_mlp)))
+                at_mlp = dict(base, gradients=g if k > 1 else g + g_down,
+                              backward_working_set=grad_in + 3 * _blk(T * i_mlp * w_mlp))
+                for key, delta in freed_down.items():
+                    at_mlp[key] += delta
+                candidates.append(at_mlp)
+                candidates.append(dict(base, dequant_transient=dequant,
+                                       backward_working_set=grad_in + _blk(T * i_mlp * w_mlp)))
                 if cfg.gradient_checkpointing:
                     candidates.append(dict(base, dequant_transient=max(dequant, lora_fwd),
                                            backward_working_set=grad_in))
+                    if moment is not None:
+                        candidates.append(dict(base, recompute=recompute + T * moment,
+                                               backward_working_set=grad_in + T * mm.recompute_trigger))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
                         optimizer_step_temporaries=opt.step_temporary)
