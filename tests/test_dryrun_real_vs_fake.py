@@ -114,9 +114,9 @@ ARCHS = {
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_architectures(arch, method):
-    if arch == "mixtral" and method == "qlora":
-        pytest.skip("prepare_model_for_kbit_training makes the 3-D experts fp32; grouped_mm needs bf16")
     options = dict(seq_len=32)
     if method == "lora":
         options.update(target_modules="all-linear", lora_dropout=0.0 if arch == "mixtral" else 0.1)
+    if method == "qlora" and arch == "mixtral":
+        options.update(lora_dropout=0.0)  # peft 0.21 refuses dropout on the experts all-linear adapts
     _compare(ARCHS[arch], method, **options)
