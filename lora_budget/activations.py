@@ -56,8 +56,20 @@ def _blk(n: int) -> int:
     return -(-n // 512) * 512 if n > 0 else 0
 
 
-def _eager(cfg: FinetuneConfig) -> bool:
-    return cfg.attn_implementation == "eager"
+#: Model types whose transformers 5.24 class has no SDPA support (``_supports_sdpa = False``: Gemma-2's attention
+#: soft-capping); transformers falls back to eager attention for them.
+NO_SDPA = ("gemma2",)
+
+
+def attention_implementation(spec: ModelSpec, cfg: FinetuneConfig) -> str:
+    """The attention implementation the model really runs with (``sdpa`` becomes ``eager`` for NO_SDPA)."""
+    if cfg.attn_implementation == "sdpa" and spec.model_type in NO_SDPA:
+        return "eager"
+    return cfg.attn_implementation
+
+
+def _eager(spec: ModelSpec, cfg: FinetuneConfig) -> bool:
+    return attention_implementation(spec, cfg) == "eager"
 
 
 def _adapter_saved(m: LinearModule, x_width: int, shared_inputs: set, cfg: FinetuneConfig, p: Precision) -> int:
@@ -108,6 +120,8 @@ class LayerActivations:
     #: the layer's inputs (``LinearModule.input`` names) whose own storage is saved by an adapter that reads them
     #: without a cast or dropout (a LoRA layer's other inputs are freed once their consumers have run)
     saved_inputs: frozenset = frozenset()
+    #: bytes/token the norm after the MLP saves (Gemma-2's post_feedforward_layernorm; part of ``norms``)
+    post_mlp_norm: int = 0
     #: bytes/token the down_proj adapter saves (its input or the input's cast, lora_A's output); part of
     #: ``adapters``, freed by the adapter's backward before the MLP product's backward runs
     down_adapter: int = 0
@@ -177,19 +191,21 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # ---- attention core --------------------------------------------------------------------------------------
     act = 2 if p.autocast else (4 if p.quantized else p.compute)  # q/k/v dtype entering attention
     kv_width = hkv
-    if (_eager(cfg) or cfg.padding) and spec.num_key_value_heads > 1:
+    if (_eager(spec, cfg) or cfg.padding) and spec.num_key_value_heads > 1:
         # repeat_kv expands K and V (no enable_gqa with a mask; eager always repeats) into a copy
         kv_width = hq
-    elif _eager(cfg) and cfg.batch_size > 1 and spec.num_key_value_heads < spec.num_attention_heads:
+    elif _eager(spec, cfg) and cfg.batch_size > 1 and spec.num_key_value_heads < spec.num_attention_heads:
         # a single kv head: repeat_kv's expand + reshape is a stride-0 view (SDPA saves the unexpanded storage),
         # but eager's matmuls fold batch and heads into one bmm dim, which copies the view when batch > 1
         kv_width = hq
-    if _eager(cfg):
+    if _eager(spec, cfg):
         # q, repeated k and v, o_proj input copy; fp32 softmax probabilities + their cast to the compute dtype
         # q is saved by q @ k^T only for k's gradient: layer 0 of a LoRA model without a k adapter has none
         k_needs_grad = input_requires_grad or any(m.name in ("k_proj", "qkv_proj") for m in adapted)
         attention += (act * hq if k_needs_grad else 0) + 2 * act * kv_width + (act * hq if full else 0)
         per_seq = n_h * (4 + (act if act != 4 else 0))
+        if spec.extra("attn_logit_softcapping"):
+            per_seq += n_h * act  # Gemma-2: tanh(scores / cap) * cap; tanh saves its output
     else:
         attention += act * hq + 2 * act * kv_width + act * hq + 4 * n_h  # q, k, v, out (= o_proj input), lse
         if spec.model_type == "phi3" and full:
@@ -222,7 +238,7 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     adapters = 0
     # an adapter that reads its input without a cast saves that storage; SDPA's output (counted above) is o_proj's
     # input (transpose + reshape of the kernel's [b, s, h, d] output is a view)
-    shared: set = set() if _eager(cfg) or spec.model_type == "phi3" else {"attn_out"}
+    shared: set = set() if _eager(spec, cfg) or spec.model_type == "phi3" else {"attn_out"}
     down_saved = 0
     widths = {"norm1": res if not p.quantized else 4, "norm2": res if not p.quantized else 4,
               "attn_out": act, "act": 4 if p.quantized else p.compute}
@@ -252,7 +268,8 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     recompute_extra = act * (hq + hkv) if fused and qkv_width == act else 0
     return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
                             per_layer=per_layer + gemma_norm, down_adapter=down_saved,
-                            recompute_extra=recompute_extra, saved_inputs=frozenset(shared))
+                            recompute_extra=recompute_extra, saved_inputs=frozenset(shared),
+                            post_mlp_norm=norm(True) if spec.model_type == "gemma2" else 0)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ DEFAULT_REASONS = {
     "batch_size": "lora_budget default micro-batch",
     "seq_len": "lora_budget default sequence length",
     "gradient_accumulation_steps": "TrainingArguments default",
-    "dtype": "transformers 5 loads checkpoints in their own dtype (dtype='auto')",
+    "dtype": "lora_budget default: from_pretrained(dtype=torch.bfloat16); transformers 5's dtype='auto' would "
+             "load the checkpoint's own dtype",
     "attn_implementation": "transformers default attention",
     "padding": "batches without padding tokens (packed or equal length)",
     "bnb_4bit_quant_type": "QLoRA paper (NormalFloat4)",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from .activations import layer_activations, mlp_adapter_moments, precision
+from .activations import attention_implementation, layer_activations, mlp_adapter_moments, precision
 from .finetune import FinetuneConfig
 from .models import ModelSpec
 from .params import count_params, layer_adapters, layer_linears, lora_params, resolve_targets
@@ -240,10 +240,22 @@ def loss_memory(spec: ModelSpec, cfg: FinetuneConfig) -> LossMemory:
     logits = _blk(N * V * wl)
     up = _blk(N * V * 4) if wl != 4 else 0
     saved = _blk(N * V * 4) + _blk(8 * N)
+    if spec.extra("final_logit_softcapping"):
+        saved += logits  # Gemma-2: logits = tanh(logits / cap) * cap; tanh saves its output
     # while the loss is computed the model still holds the final norm output (its hidden_states variable)
     # (for full fine-tuning that tensor is lm_head's saved input, already counted in the activations)
     hidden = 0 if cfg.method == "full" else _blk(N * spec.hidden_size * precision(cfg).residual)
     return LossMemory(saved=saved, forward_transient=logits + up + hidden, backward_transient=2 * _blk(N * V * 4))
+
+
+def mask_bytes(spec: ModelSpec, cfg: FinetuneConfig, types: int | None = None) -> int:
+    """Bytes of the additive attention masks transformers materialises for eager attention: [b, 1, s, s] in the
+    hidden-state dtype, one per attention type of the model (Gemma-2: sliding and full), or ``types`` of them
+    (the bottom layer's checkpoint holds its own type's only)."""
+    if attention_implementation(spec, cfg) != "eager":
+        return 0
+    n = (2 if spec.model_type == "gemma2" else 1) if types is None else types
+    return n * _blk(cfg.batch_size * cfg.seq_len * cfg.seq_len * precision(cfg).residual)
 
 
 def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
@@ -345,6 +357,9 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     loss = loss_memory(spec, cfg)
     if cfg.gradient_checkpointing:
         ckpt = L * _blk(T * p.residual * h)  # each layer's input, kept by the checkpoint
+        # eager attention's additive masks [b, 1, s, s] (one per attention type: Gemma-2 alternates sliding and
+        # full layers) are inputs of every checkpointed layer, kept until the end of backward
+        top += mask_bytes(spec, cfg)
         saved_layers = ckpt
         # an fp32 residual stream: the first norm's fp32 "upcast" is the checkpointed input itself
         recompute = per_layer - (T * 4 * h if p.residual == 4 else 0) + T * la.recompute_extra
@@ -413,12 +428,21 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
                          logits_loss=loss.saved + loss.backward_transient,
                          autocast_cache=0 if cfg.gradient_checkpointing else autocast_cache)
+        def rope(above: int) -> int:
+            """Rotary cos / sin and eager attention masks: inputs of every checkpointed layer (at the bottom
+            layer only its own attention type's mask is left)."""
+            cos_sin = 2 * _blk(cfg.seq_len * spec.d_head * p.residual) if spec.model_type != "gpt2" else 0
+            return cos_sin + mask_bytes(spec, cfg, types=1 if above and L > 1 else None)
+
         # inside the layers' backward, going down from the top layer: the layer's saved tensors (recomputed under
         # checkpointing) while, for full fine-tuning, the weight gradients of the layers above accumulate.  Both
         # grow linearly in the layer index, so the largest is at the top or the bottom layer.
         if cfg.method == "full":
             g_layer = layer_grad_bytes(spec, cfg)
-            g_top = grads - L * g_layer - (sum(t.bytes for t in dense if t.embedding))
+            # lm_head's weight gradient exists from the start of backward; with tied embeddings it is the
+            # embedding's, otherwise the embedding's own arrives at the end
+            g_top = grads - L * g_layer - (0 if spec.tie_word_embeddings else
+                                           sum(t.bytes for t in dense if t.embedding))
             g_mlp = L and (sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1), cfg))
                            - sum(t.bytes for t in base_tensors(spec.with_(num_hidden_layers=1, intermediate_size=1,
                                                                           num_local_experts=0,
@@ -427,8 +451,8 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             candidates = []
             for above in (0, L - 1):
                 below = L - above
-                acts = (below * per_saved if cfg.gradient_checkpointing else
-                        (below - 1) * per_layer + (layer0 if below == 1 else per_layer) - (0 if below > 1 else 0))
+                acts = (below * per_saved + rope(above) if cfg.gradient_checkpointing else
+                        (below - 1) * per_layer + (layer0 if below == 1 else per_layer))
                 candidates.append(dict(static, optimizer_state=s, gradients=(grads if k > 1 else g_top + above * g_layer),
                                        activations=acts + (top if above == 0 and not cfg.gradient_checkpointing else 0),
                                        recompute=recompute, dequant_transient=dequant,
@@ -437,13 +461,34 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                     # at the end of the layer's MLP backward (gate/up weight gradients): every MLP weight gradient
                     # exists beside the recomputed attention activations, the MLP input, the gradients of the
                     # gate and up outputs and the incoming gradient
+                    if spec.is_moe:
+                        # MoE: at the experts' gate_up weight gradient the router's input and routing tensors
+                        # and the gathered expert input (grouped_mm's saved input) are still alive
+                        E_, k_ = spec.num_local_experts, spec.num_experts_per_tok
+                        keep = p.compute * h + k_ * h * p.param + 4 * E_ + 36 * k_ + 13
+                        mlp_freed = max(0, la.mlp - keep)
+                        mlp_in = 0
+                    else:
+                        mlp_freed, mlp_in = la.mlp, _blk(T * h * p.compute)
                     candidates.append(dict(static, optimizer_state=s,
                                            gradients=(grads if k > 1 else g_top + above * g_layer + g_mlp),
-                                           activations=acts, recompute=max(0, recompute - T * la.mlp),
-                                           backward_working_set=_blk(T * h * p.residual) + _blk(T * h * p.compute)
+                                           activations=acts, recompute=max(0, recompute - T * mlp_freed),
+                                           backward_working_set=_blk(T * h * p.residual) + mlp_in
                                            + _blk(2 * T * i_mlp * w_mlp)
                                            + (_blk(T * spec.num_experts_per_tok * h * p.compute) if spec.is_moe
                                               else 0)))
+                    if not spec.is_moe:
+                        # at the MLP product's backward: down_proj's weight gradient, the product's gradient and
+                        # the two it makes, beside the whole recomputed layer
+                        # (down_proj's saved input and, for Gemma-2, the post-MLP norm's saved tensors are gone)
+                        g_down = _blk(h * spec.intermediate_size * p.param)
+                        candidates.append(dict(static, optimizer_state=s,
+                                               gradients=(grads if k > 1 else g_top + above * g_layer + g_down),
+                                               activations=acts,
+                                               recompute=recompute - T * (p.compute * spec.intermediate_size
+                                                                          + la.post_mlp_norm),
+                                               backward_working_set=_blk(T * h * p.residual)
+                                               + 3 * _blk(T * i_mlp * w_mlp)))
             # the end of backward: every gradient exists and the embedding's arrives - through the embedding
             # output's gradient [T, h]; with tied embeddings as a second V x h gradient added to lm_head's
             tied_extra = 2 * _blk(spec.vocab_size * h * p.param) if spec.tie_word_embeddings else \
@@ -472,12 +517,11 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             # started the recompute): activations.mlp_adapter_moments
             mm = mlp_adapter_moments(spec, cfg)
             moment = max(mm.moments, default=None)
-            rope = 2 * _blk(cfg.seq_len * spec.d_head * p.residual) if spec.model_type != "gpt2" else 0
             candidates = []
             for above in ((0, L - 1) if cfg.gradient_checkpointing else (0,)):
                 below = L - above
                 if cfg.gradient_checkpointing:
-                    acts = below * _blk(T * p.residual * h) + rope
+                    acts = below * _blk(T * p.residual * h) + rope(above)
                 else:
                     acts = (below - 1) * per_layer + (layer0 if below == 1 else per_layer)
                 g = grads if k > 1 else above * g_layer
@@ -509,6 +553,13 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
     if spec.is_moe and cfg.is_lora and cfg.target_modules == "all-linear" and cfg.lora_dropout > 0:
         notes.append("WARNING: peft 0.21 refuses lora_dropout != 0 on Mixtral's expert parameters, which all-linear "
                      "adapts: this setup fails in the real libraries (use --lora-dropout 0 or attention targets)")
+    if dtype_bytes(spec.dtype) != dtype_bytes(cfg.dtype) and any(a.startswith("dtype=") for a in cfg.assumptions):
+        notes.append(f"{spec.name}'s checkpoint is {spec.dtype}: loaded with dtype='auto' (the transformers 5 "
+                     f"default) it takes {dtype_bytes(spec.dtype)} bytes per weight, not {dtype_bytes(cfg.dtype)}; "
+                     f"pass --dtype {spec.dtype} to estimate that")
+    if attention_implementation(spec, cfg) != cfg.attn_implementation:
+        notes.append(f"{spec.model_type} has no SDPA support in transformers 5.24 (attention soft-capping): "
+                     "transformers falls back to eager attention, which saves [b, heads, s, s] scores per layer")
     if spec.is_moe and p.quantized:
         notes.append("WARNING: transformers 5 keeps Mixtral's 3-D expert weights unquantised (bitsandbytes "
                      "replaces nn.Linear only) and prepare_model_for_kbit_training upcasts them to fp32: the "

@@ -109,7 +109,7 @@ def test_grid_covers_the_options():
     assert {"no", "bf16"} <= seen["mixed_precision"]
     assert seen["bnb_4bit_use_double_quant"] == {True, False}
     types = {spec.model_type for _, spec, _ in GRID}
-    assert {"llama", "mistral", "qwen2", "gemma", "phi3", "mixtral"} <= types
+    assert {"llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "mixtral"} <= types
     assert {spec.tie_word_embeddings for _, spec, _ in GRID} == {True, False}
 
 
@@ -119,7 +119,11 @@ def test_grid_covers_the_options():
     ("llama-2-70b", "qlora", {}),
     ("llama-3.1-8b", "lora", dict(gradient_checkpointing=True, target_modules="all-linear", seq_len=2048)),
     ("llama-2-7b", "full", dict(gradient_checkpointing=True)),
-], ids=["65b-qlora-paper", "70b-qlora", "8b-lora-gc", "7b-full-gc"])
+    ("gemma-2-9b", "lora", dict(gradient_checkpointing=True, target_modules="all-linear")),
+    ("mixtral-8x7b", "lora", dict(gradient_checkpointing=True, target_modules="q_proj,v_proj")),
+    ("phi-3-mini", "qlora", dict(seq_len=2048)),
+], ids=["65b-qlora-paper", "70b-qlora", "8b-lora-gc", "7b-full-gc", "gemma2-9b-lora-gc", "mixtral-lora-gc",
+        "phi3-qlora"])
 def test_catalog_scale_agrees(name, method, options):
     """Real catalog sizes: the grid's 2-3 layers cannot show effects that grow with depth (at the bottom layer
     of a 65B QLoRA backward the adapters' gradients of 79 layers exist)."""
