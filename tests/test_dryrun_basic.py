@@ -158,3 +158,23 @@ def test_steps_must_cover_the_steady_state():
 
     with pytest.raises(ConfigError):
         dry_run(TINY, make_config("lora", seq_len=16), steps=1)
+
+
+def test_fp32_experts_trace_with_the_grouped_mm_emulation():
+    """QLoRA keeps Mixtral's 3-D experts unquantised and prepare_model_for_kbit_training makes them fp32; CUDA's
+    grouped_mm takes fp32 (its per-group fallback), the meta kernel of fake tensors only bf16.  The dry run
+    emulates CUDA and says so; the estimate warns about the fp32 experts."""
+    pytest.importorskip("bitsandbytes")
+    from lora_budget.dryrun import dry_run
+    from lora_budget.estimate import estimate
+
+    spec = ModelSpec(name="tiny-mixtral", model_type="mixtral", hidden_size=128, intermediate_size=256,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                     num_local_experts=4, num_experts_per_tok=2)
+    cfg = make_config("qlora", lora_dropout=0.0, seq_len=32)
+    r = dry_run(spec, cfg)
+    assert any(line.startswith("grouped_mm (MoE experts) in float32") for line in r.emulations)
+    assert any("experts cost 4 bytes per parameter" in n for n in estimate(spec, cfg).memory.notes)
+    # a bf16 model uses the bf16 kernel: nothing is emulated
+    r16 = dry_run(spec, make_config("lora", target_modules="q_proj,v_proj", seq_len=32))
+    assert not any(line.startswith("grouped_mm") for line in r16.emulations)
