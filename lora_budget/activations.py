@@ -274,8 +274,9 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
 
 @dataclass(frozen=True)
 class MlpMoments:
-    """Bytes/token: the peaks inside the forward of the MLP's LoRA modules relative to the layer's saved set, and
-    the gradient tensors alive when a checkpointed layer's recompute starts (beside the incoming gradient)."""
+    """The peaks inside the forward of the MLP's modules relative to the layer's saved set, as (bytes/token,
+    bytes) pairs, and the gradient tensors alive when a checkpointed layer's recompute starts (beside the incoming
+    gradient), bytes/token."""
 
     moments: tuple
     recompute_trigger: int
@@ -286,7 +287,8 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
     whole saved set (``LayerActivations.bytes``): what of the layer is saved by then, minus what is not saved
     yet, plus what lives only then.  Empty when no MLP module is adapted (or for MoE / GPT-2 layers).
 
-    Per adapted MLP module (gate/up or gate_up, then down; peft 0.21 ``lora.Linear`` / ``lora.bnb.Linear4bit``):
+    Per 4-bit MLP module the dequantising forward of its base layer; per adapted MLP module (gate/up or gate_up,
+    then down; peft 0.21 ``lora.Linear`` / ``lora.bnb.Linear4bit``):
     the base output (bnb: its clone, in the input dtype), the fp32 input copy peft makes for the adapter when it
     is not what lora_A saves, and at the scaling: lora_B's output and the scaled copy (autocast: bf16, else the
     adapter dtype), or at the sum: the scaled copy and the sum.  The MLP's input (the second norm's output) and
@@ -317,7 +319,9 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
     fused = mods[0].name == "gate_up_proj"
     outs = {m: (3 * w * i if fused else 2 * w * i) if m.input == "norm2" and (fused or m.name == "gate_proj")
             else (w * i if m.input == "norm2" else 0) for m in mods}
-    moments = []
+    moments: list[tuple[int, int]] = []
+    cb = dtype_bytes(cfg.bnb_4bit_compute_dtype)
+    recomputed = [m for m in mods if m.input != "act" or m in targets]  # the recompute stops before a frozen down
     # alive in the frames whether saved or not: the residual after attention (unless the second norm's fp32
     # upcast is that tensor itself), the MLP's input, the product entering down_proj
     frame = (p.residual * h if p.residual != 4 else 0) + (0 if "norm2" in la.saved_inputs else widths["norm2"] * h)
@@ -326,6 +330,13 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
     for m in mods:
         o, n = m.out_features, m.in_features
         later -= saved[m] + outs[m]
+        here = frame + (product_live if m.input == "act" else 0)
+        if p.quantized and m in recomputed:
+            # bnb Linear4bit's forward on CUDA: the input cast to the compute dtype, the dequantised weight (and
+            # with double quantisation the fp32 absmax, dequantised and offset), the output in the compute dtype
+            absmax = 2 * _blk(4 * -(-o * n // 64)) if cfg.bnb_4bit_use_double_quant else 0
+            moments.append((-(later + saved[m] + outs[m]) + here + (cb * n if widths[m.input] != cb else 0) + cb * o,
+                            _blk(cb * o * n) + absmax))
         if m not in targets:
             continue
         # peft's fp32 copy of the input lives through the adapter's forward; it is saved only without dropout
@@ -334,12 +345,12 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
         if m.input == "act":
             # the recompute stops once the last saved tensor exists: down_proj's lora_A output (lora_B's input)
             drop = 4 * n if dropout and p.autocast else 0
-            moments.append(-later + frame + product_live + x_copy + drop + w_res * o)
+            moments.append((-later + here + x_copy + drop + w_res * o, 0))
             continue
         at_scale = w_res * o + 2 * wl * o
         at_sum = w_res * o + wl * o + wa * o
         # saved so far: everything but the items of later modules and this module's outputs
-        moments.append(-(later + outs[m]) + frame + x_copy + max(at_scale, at_sum))
+        moments.append((-(later + outs[m]) + here + x_copy + max(at_scale, at_sum), 0))
     # Under checkpointing the layer is recomputed when the first backward node with saved tensors runs.  With an
     # adapted down_proj that is its lora_B: the gradient of the adapter path exists by then (the scaled copy's
     # gradient, and with a sum in another dtype the base output's gradient cast back).  Without

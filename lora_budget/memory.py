@@ -516,7 +516,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             # inside an adapted MLP module's forward (recomputed under checkpointing, beside the gradients that
             # started the recompute): activations.mlp_adapter_moments
             mm = mlp_adapter_moments(spec, cfg)
-            moment = max(mm.moments, default=None)
+            moment = max((T * pt + fixed for pt, fixed in mm.moments), default=None)
             candidates = []
             for above in ((0, L - 1) if cfg.gradient_checkpointing else (0,)):
                 below = L - above
@@ -537,7 +537,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                     candidates.append(dict(base, dequant_transient=max(dequant, lora_fwd),
                                            backward_working_set=grad_in))
                     if moment is not None:
-                        candidates.append(dict(base, recompute=recompute + T * moment,
+                        candidates.append(dict(base, recompute=recompute + moment,
                                                backward_working_set=grad_in + T * mm.recompute_trigger))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
