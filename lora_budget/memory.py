@@ -539,6 +539,14 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
                     if moment is not None:
                         candidates.append(dict(base, recompute=recompute + moment,
                                                backward_working_set=grad_in + T * mm.recompute_trigger))
+                if spec.is_moe and cfg.target_modules == "all-linear":
+                    # peft's ParamWrapper on the 3-D experts: the backward of down_proj's grouped_mm makes the
+                    # gradient of the whole merged W + B @ A weight [E, h, i] beside its input's gradient
+                    E_, k_ = spec.num_local_experts, spec.num_experts_per_tok
+                    ew = p.param
+                    candidates.append(dict(base, backward_working_set=grad_in
+                                           + _blk(E_ * h * spec.intermediate_size * ew)
+                                           + _blk(k_ * T * spec.intermediate_size * ew)))
             bwd_layers = max(candidates, key=lambda c: sum(c.values()))
         opt_step = dict(static, optimizer_state=opt.device, gradients=grads,
                         optimizer_step_temporaries=opt.step_temporary)

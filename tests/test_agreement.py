@@ -122,8 +122,9 @@ def test_grid_covers_the_options():
     ("gemma-2-9b", "lora", dict(gradient_checkpointing=True, target_modules="all-linear")),
     ("mixtral-8x7b", "lora", dict(gradient_checkpointing=True, target_modules="q_proj,v_proj")),
     ("phi-3-mini", "qlora", dict(seq_len=2048)),
+    ("mixtral-8x7b", "qlora", dict(lora_dropout=0.0)),  # fp32 3-D experts adapted through peft's ParamWrapper
 ], ids=["65b-qlora-paper", "70b-qlora", "8b-lora-gc", "7b-full-gc", "gemma2-9b-lora-gc", "mixtral-lora-gc",
-        "phi3-qlora"])
+        "phi3-qlora", "mixtral-qlora-experts"])
 def test_catalog_scale_agrees(name, method, options):
     """Real catalog sizes: the grid's 2-3 layers cannot show effects that grow with depth (at the bottom layer
     of a 65B QLoRA backward the adapters' gradients of 79 layers exist)."""
