@@ -122,9 +122,14 @@ class LayerActivations:
     saved_inputs: frozenset = frozenset()
     #: bytes/token the norm after the MLP saves (Gemma-2's post_feedforward_layernorm; part of ``norms``)
     post_mlp_norm: int = 0
-    #: bytes/token the down_proj adapter saves (its input or the input's cast, lora_A's output); part of
-    #: ``adapters``, freed by the adapter's backward before the MLP product's backward runs
-    down_adapter: int = 0
+    #: (module, bytes/token its adapter saves) for every adapted Linear, in forward order; part of ``adapters``
+    adapter_saved: tuple = ()
+
+    @property
+    def down_adapter(self) -> int:
+        """Bytes/token the down_proj adapter saves (its input or the input's cast, lora_A's output), freed by the
+        adapter's backward before the MLP product's backward runs."""
+        return sum(b for m, b in self.adapter_saved if m.input == "act")
 
     @property
     def per_token(self) -> int:
@@ -239,21 +244,16 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     # an adapter that reads its input without a cast saves that storage; SDPA's output (counted above) is o_proj's
     # input (transpose + reshape of the kernel's [b, s, h, d] output is a view)
     shared: set = set() if _eager(spec, cfg) or spec.model_type == "phi3" else {"attn_out"}
-    down_saved = 0
+    adapter_saved = []
     widths = {"norm1": res if not p.quantized else 4, "norm2": res if not p.quantized else 4,
               "attn_out": act, "act": 4 if p.quantized else p.compute}
     widths["ln_1"], widths["ln_2"] = widths["norm1"], widths["norm2"]  # GPT-2 names of the same inputs
     for m in adapted:
-        if m.input == "norm1" and not input_requires_grad:
-            # frozen embedding output: no dropout mask is needed, the dropout output is still saved by lora_A
-            x = _adapter_saved(m, widths[m.input], shared, cfg, p)
-            if cfg.lora_dropout > 0:
-                x -= m.in_features
-            adapters += x
-            continue
         saved = _adapter_saved(m, widths[m.input], shared, cfg, p)
-        if m.input == "act":
-            down_saved = saved
+        if m.input == "norm1" and not input_requires_grad and cfg.lora_dropout > 0:
+            # frozen embedding output: no dropout mask is needed, the dropout output is still saved by lora_A
+            saved -= m.in_features
+        adapter_saved.append((m, saved))
         adapters += saved
     if spec.is_moe and cfg.is_lora and cfg.target_modules == "all-linear":
         # peft 0.21 adapts the router (an nn.Parameter module) like a Linear h -> E
@@ -267,7 +267,7 @@ def layer_activations(spec: ModelSpec, cfg: FinetuneConfig, *, input_requires_gr
     fused = any(m.name == "qkv_proj" for m in linears)
     recompute_extra = act * (hq + hkv) if fused and qkv_width == act else 0
     return LayerActivations(norms=norms, attention=attention, mlp=mlp, adapters=adapters, per_seq=per_seq,
-                            per_layer=per_layer + gemma_norm, down_adapter=down_saved,
+                            per_layer=per_layer + gemma_norm, adapter_saved=tuple(adapter_saved),
                             recompute_extra=recompute_extra, saved_inputs=frozenset(shared),
                             post_mlp_norm=norm(True) if spec.model_type == "gemma2" else 0)
 
@@ -282,7 +282,7 @@ class MlpMoments:
     recompute_trigger: int
 
 
-def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
+def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig, la: LayerActivations | None = None) -> MlpMoments:
     """The highest moments inside the forward of the MLP's LoRA modules, bytes/token relative to the layer's
     whole saved set (``LayerActivations.bytes``): what of the layer is saved by then, minus what is not saved
     yet, plus what lives only then.  Empty when no MLP module is adapted (or for MoE / GPT-2 layers).
@@ -293,7 +293,8 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
     is not what lora_A saves, and at the scaling: lora_B's output and the scaled copy (autocast: bf16, else the
     adapter dtype), or at the sum: the scaled copy and the sum.  The MLP's input (the second norm's output) and
     the product entering down_proj live in the MLP's frame whether saved or not.  These moments are those of a
-    recomputed layer (gradient checkpointing): its recompute stops at down_proj's lora_A.
+    recomputed layer (gradient checkpointing): its recompute stops at down_proj's lora_A.  ``la``: the layer's
+    ``layer_activations`` when the caller has it.
     """
     none = MlpMoments((), 0)
     if not cfg.is_lora or spec.is_moe or spec.model_type == "gpt2":
@@ -304,17 +305,15 @@ def mlp_adapter_moments(spec: ModelSpec, cfg: FinetuneConfig) -> MlpMoments:
     mods = [m for m in layer_linears(spec) if m.input in ("norm2", "act")]
     if not any(m in targets for m in mods):
         return none
-    la = layer_activations(spec, cfg)
+    la = la or layer_activations(spec, cfg)
     w = 4 if p.quantized else p.compute  # MLP intermediates (bnb returns the input dtype)
     w_res = w  # a LoRA module's base output
     wl = 2 if p.autocast else p.adapter  # lora_B output and its scaled copy
     wa = w_res if p.quantized else max(w_res, wl)  # the sum (bnb converts the adapter output first)
     widths = {"norm2": 4 if p.quantized else p.residual, "act": w}
     dropout = cfg.lora_dropout > 0
-    # what each module's adapter saves (same sharing rule as layer_activations: the first of gate/up that reads
-    # the norm output as it is saves it)
-    shared: set = set()
-    saved = {m: _adapter_saved(m, widths[m.input], shared, cfg, p) if m in targets else 0 for m in mods}
+    saved = {m: 0 for m in mods}
+    saved.update((m, b) for m, b in la.adapter_saved if m in saved)  # what each module's adapter saves
     # the MLP's own saved outputs, created by each module in turn
     fused = mods[0].name == "gate_up_proj"
     outs = {m: (3 * w * i if fused else 2 * w * i) if m.input == "norm2" and (fused or m.name == "gate_proj")

@@ -51,18 +51,15 @@ def lora_forward_transient(spec: ModelSpec, cfg: FinetuneConfig) -> int:
         return 0
     p = precision(cfg)
 
-    return max((_adapter_forward_transient(m, cfg, p) for m in resolve_targets(spec, cfg.target_modules)),
-               default=0)
-
-
-def _adapter_forward_transient(m, cfg: FinetuneConfig, p) -> int:
-    """The short-lived fp32 input cast / dropout output of one adapter's forward, bytes."""
-    if p.quantized:
-        width = p.compute if m.input == "attn_out" else 4
-    else:
-        width = p.compute if m.input == "attn_out" else p.residual
-    per = (4 if width != 4 else 0) + (4 if cfg.lora_dropout > 0 and p.autocast else 0)
-    return _blk(cfg.tokens * m.in_features * per)
+    worst = 0
+    for m in resolve_targets(spec, cfg.target_modules):
+        if p.quantized:
+            width = p.compute if m.input == "attn_out" else 4
+        else:
+            width = p.compute if m.input == "attn_out" else p.residual
+        per = (4 if width != 4 else 0) + (4 if cfg.lora_dropout > 0 and p.autocast else 0)
+        worst = max(worst, _blk(cfg.tokens * m.in_features * per))
+    return worst
 
 
 def _blk(n: int) -> int:
@@ -258,6 +255,13 @@ def mask_bytes(spec: ModelSpec, cfg: FinetuneConfig, types: int | None = None) -
     return n * _blk(cfg.batch_size * cfg.seq_len * cfg.seq_len * precision(cfg).residual)
 
 
+def rotary_bytes(spec: ModelSpec, cfg: FinetuneConfig) -> int:
+    """Rotary cos and sin [1, s, head_dim] in the hidden-state dtype, shared by all layers (GPT-2 has none)."""
+    if spec.model_type == "gpt2":
+        return 0
+    return 2 * _blk(cfg.seq_len * spec.d_head * precision(cfg).residual)
+
+
 def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
     """Bytes saved outside the decoder layers (final norm, lm_head input / weight cast), without the loss."""
     p = precision(cfg)
@@ -274,9 +278,7 @@ def top_saved(spec: ModelSpec, cfg: FinetuneConfig) -> int:
             b += T * p.residual * h  # lm_head saves its input (the final norm output)
     if p.autocast and p.param == 4:
         b += 2 * V * h  # bf16 cast of the fp32 lm_head weight, saved for the input gradient
-    # rotary cos and sin [1, s, head_dim] in the hidden-state dtype, shared by all layers
-    if spec.model_type != "gpt2":
-        b += 2 * _blk(cfg.seq_len * spec.d_head * p.residual)
+    b += rotary_bytes(spec, cfg)
     b += SMALL_BLOCKS * BLOCK
     return b
 
@@ -428,11 +430,10 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
         bwd_start = dict(static, optimizer_state=s, gradients=g_fwd, activations=saved_layers + top,
                          logits_loss=loss.saved + loss.backward_transient,
                          autocast_cache=0 if cfg.gradient_checkpointing else autocast_cache)
-        def rope(above: int) -> int:
+        def layer_inputs(above: int) -> int:
             """Rotary cos / sin and eager attention masks: inputs of every checkpointed layer (at the bottom
             layer only its own attention type's mask is left)."""
-            cos_sin = 2 * _blk(cfg.seq_len * spec.d_head * p.residual) if spec.model_type != "gpt2" else 0
-            return cos_sin + mask_bytes(spec, cfg, types=1 if above and L > 1 else None)
+            return rotary_bytes(spec, cfg) + mask_bytes(spec, cfg, types=1 if above and L > 1 else None)
 
         # inside the layers' backward, going down from the top layer: the layer's saved tensors (recomputed under
         # checkpointing) while, for full fine-tuning, the weight gradients of the layers above accumulate.  Both
@@ -451,7 +452,7 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             candidates = []
             for above in (0, L - 1):
                 below = L - above
-                acts = (below * per_saved + rope(above) if cfg.gradient_checkpointing else
+                acts = (below * per_saved + layer_inputs(above) if cfg.gradient_checkpointing else
                         (below - 1) * per_layer + (layer0 if below == 1 else per_layer))
                 candidates.append(dict(static, optimizer_state=s, gradients=(grads if k > 1 else g_top + above * g_layer),
                                        activations=acts + (top if above == 0 and not cfg.gradient_checkpointing else 0),
@@ -511,25 +512,22 @@ def memory_breakdown(spec: ModelSpec, cfg: FinetuneConfig) -> MemoryBreakdown:
             r = cfg.lora_rank
             g_down = sum(_blk(r * m.in_features * p.adapter) + _blk(r * m.out_features * p.adapter)
                          for m in resolve_targets(spec, cfg.target_modules) if m.input == "act")
-            freed_down = dict(recompute=-T * la.down_adapter) if cfg.gradient_checkpointing else \
-                dict(activations=-T * la.down_adapter)
             # inside an adapted MLP module's forward (recomputed under checkpointing, beside the gradients that
             # started the recompute): activations.mlp_adapter_moments
-            mm = mlp_adapter_moments(spec, cfg)
+            mm = mlp_adapter_moments(spec, cfg, la)
             moment = max((T * pt + fixed for pt, fixed in mm.moments), default=None)
             candidates = []
             for above in ((0, L - 1) if cfg.gradient_checkpointing else (0,)):
                 below = L - above
                 if cfg.gradient_checkpointing:
-                    acts = below * _blk(T * p.residual * h) + rope(above)
+                    acts = below * _blk(T * p.residual * h) + layer_inputs(above)
                 else:
                     acts = (below - 1) * per_layer + (layer0 if below == 1 else per_layer)
                 g = grads if k > 1 else above * g_layer
                 base = dict(static, optimizer_state=s, gradients=g, activations=acts, recompute=recompute)
                 at_mlp = dict(base, gradients=g if k > 1 else g + g_down,
                               backward_working_set=grad_in + 3 * _blk(T * i_mlp * w_mlp))
-                for key, delta in freed_down.items():
-                    at_mlp[key] += delta
+                at_mlp["recompute" if cfg.gradient_checkpointing else "activations"] -= T * la.down_adapter
                 candidates.append(at_mlp)
                 candidates.append(dict(base, dequant_transient=dequant,
                                        backward_working_set=grad_in + _blk(T * i_mlp * w_mlp)))
